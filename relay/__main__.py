@@ -1,0 +1,5 @@
+"""`python -m relay` runs the command-line interface."""
+
+from relay.cli import main
+
+raise SystemExit(main())
