@@ -1,0 +1,188 @@
+"""Name -> addresses: the static map, the system resolver, a short cache, and
+the checks that keep a tunnel off private, internal and special-purpose
+addresses.
+
+The relay dials exactly the addresses this module returned and checked: there
+is no second lookup between the check and the connect (no DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Cache entries are bounded: only allowed names are resolved, but a preset with
+# "any control-plane prefix" admits an unbounded set of names.
+MAX_CACHE_ENTRIES = 4096
+
+_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")  # RFC 6598, not covered by is_private
+_NAT64 = (
+    ipaddress.IPv6Network("64:ff9b::/96"),  # RFC 6052 well-known prefix
+    ipaddress.IPv6Network("64:ff9b:1::/48"),  # RFC 8215 local-use prefix
+)
+_6TO4 = ipaddress.IPv6Network("2002::/16")  # RFC 3056
+_TEREDO = ipaddress.IPv6Network("2001::/32")  # RFC 4380
+
+
+class ResolveError(Exception):
+    """Why a name gave no usable address; ``reason`` is a bounded label."""
+
+    def __init__(self, reason: str, detail: str, status: int = 502) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.status = status
+
+
+def special_purpose(ip: IPAddress) -> str | None:
+    """The kind of non-public range ``ip`` is in (following embedded IPv4), or None."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return special_purpose(ip.ipv4_mapped)
+        for net in _NAT64:
+            if ip in net:
+                return special_purpose(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip in _TEREDO:
+            return "teredo"
+        if ip in _6TO4:
+            return special_purpose(ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF))
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_link_local:
+        return "link-local"
+    if ip.is_multicast:
+        return "multicast"
+    if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:
+        return "cgnat"
+    if ip.is_private:
+        return "private"
+    if ip.is_reserved:
+        return "reserved"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "site-local"
+    if not ip.is_global:
+        return "non-global"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One address to dial, already checked."""
+
+    family: int
+    address: str
+    port: int
+
+    @property
+    def sockaddr(self) -> tuple[str, int]:
+        return (self.address, self.port)
+
+    def __str__(self) -> str:
+        if self.family == socket.AF_INET6:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+
+def static_target(
+    static: Mapping[tuple[str, int | None], tuple[str, int | None]], host: str, port: int
+) -> tuple[str, int] | None:
+    """The ``resolver.static`` override for host:port (curl --connect-to semantics)."""
+    if not static:
+        return None
+    hit = static.get((host, port)) or static.get((host, None))
+    if hit is None:
+        return None
+    return hit[0], hit[1] if hit[1] is not None else port
+
+
+class Resolver:
+    """Resolves allowed names; applies the static map and the address checks."""
+
+    __slots__ = ("_cache", "allow_private", "cache_ttl", "static")
+
+    def __init__(
+        self,
+        static: Mapping[tuple[str, int | None], tuple[str, int | None]],
+        *,
+        allow_private: bool,
+        cache_ttl: float,
+    ) -> None:
+        self.static = static
+        self.allow_private = allow_private
+        self.cache_ttl = cache_ttl
+        self._cache: dict[str, tuple[float, tuple[tuple[int, str], ...]]] = {}
+
+    async def resolve(self, host: str, port: int) -> list[Endpoint]:
+        """Checked endpoints for host:port, in the order Happy Eyeballs should try."""
+        target = static_target(self.static, host, port)
+        if target is not None:
+            host, port = target
+        addrs = await self._lookup(host)
+        endpoints, refused = [], []
+        for family, address in addrs:
+            kind = None if self.allow_private else special_purpose(ipaddress.ip_address(address))
+            if kind is None:
+                endpoints.append(Endpoint(family, address, port))
+            else:
+                refused.append(f"{address} ({kind})")
+        if not endpoints:
+            raise ResolveError(
+                "private_address",
+                f"{host} resolves only to non-public addresses: {', '.join(refused)}",
+                status=403,
+            )
+        return interleave(endpoints)
+
+    async def _lookup(self, host: str) -> tuple[tuple[int, str], ...]:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            return ((family, str(ip)),)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        cached = self._cache.get(host)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ResolveError(
+                "dns_failure", f"DNS lookup of {host} failed: {exc.strerror}"
+            ) from None
+        except UnicodeError:
+            raise ResolveError("dns_failure", f"DNS lookup of {host} failed: bad name") from None
+        seen: dict[tuple[int, str], None] = {}
+        for family, _type, _proto, _canon, sockaddr in infos:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                seen[(family, str(sockaddr[0]).split("%", 1)[0])] = None
+        addrs = tuple(seen)
+        if not addrs:
+            raise ResolveError("dns_failure", f"DNS lookup of {host} returned no address")
+        if self.cache_ttl > 0:
+            if len(self._cache) >= MAX_CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[host] = (now + self.cache_ttl, addrs)
+        return addrs
+
+
+def interleave(endpoints: list[Endpoint]) -> list[Endpoint]:
+    """RFC 8305 §4: alternate address families, starting with the first one returned."""
+    if len(endpoints) < 2:
+        return endpoints
+    first = endpoints[0].family
+    a = [e for e in endpoints if e.family == first]
+    b = [e for e in endpoints if e.family != first]
+    out: list[Endpoint] = []
+    for i in range(max(len(a), len(b))):
+        out.extend(x[i] for x in (a, b) if i < len(x))
+    return out
