@@ -24,7 +24,7 @@ from relay.log import EventLog
 from relay.metrics import Metrics
 from relay.policy import Decision, Reason
 from relay.resolver import Resolver
-from relay.tunnel import Tunnel
+from relay.tunnel import Pending, Tunnel
 
 # A tunnel whose transports were asked to close gracefully but still hold
 # unsent bytes for a peer that stopped reading is aborted after this long.
@@ -263,11 +263,11 @@ class Relay:
         host, port = decision.host, decision.port
         target = format_target(host, port)
         dialer = self.dialer
-        tunnel = Tunnel(conn.client, host, port, dialer.name, self.tunnel_closed)
+        pending = Pending()
         started = self.loop.time()
         try:
             async with asyncio.timeout(self.settings.limits.connect_timeout):
-                dialled = await dialer.dial(host, port, tunnel.upstream_side)
+                dialled = await dialer.dial(host, port, pending)
         except TimeoutError:
             self._dial_failed(
                 conn,
@@ -283,9 +283,8 @@ class Relay:
             self._dial_failed(conn, decision, target, started, exc.status, exc.reason, exc.detail)
             return
         except asyncio.CancelledError:
-            upstream = tunnel.upstream_side.transport
-            if upstream is not None:
-                upstream.abort()
+            if pending.transport is not None:
+                pending.transport.abort()
             self.log(
                 "request",
                 client=conn.peer,
@@ -305,8 +304,9 @@ class Relay:
             return
         client.write(connect.ESTABLISHED)
         early, conn.buf = conn.buf, b""
-        tunnel.start(client, dialled.transport, early, dialled.leftover)
+        tunnel = Tunnel(conn.client, host, port, dialer.name, self.tunnel_closed)
         self.tunnel_opened(tunnel)
+        tunnel.start(client, dialled.transport, early, pending, dialled.leftover)
         self.log(
             "request",
             client=conn.peer,

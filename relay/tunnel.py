@@ -69,16 +69,38 @@ class _Side(asyncio.Protocol):
         self.tunnel.side_lost(self, exc)
 
 
-class UpstreamSide(_Side):
-    """The destination's side. It reads nothing until the tunnel is established:
-    the client must see the 200 before any byte from the destination."""
+class Pending(asyncio.Protocol):
+    """Holds a freshly dialled upstream connection until the tunnel starts.
 
-    __slots__ = ()
+    The client must see the ``200`` before any byte from the destination, and
+    an event loop may deliver data as soon as the connection is made, so
+    whatever arrives early is kept here (bounded) and handed to the tunnel.
+    """
+
+    __slots__ = ("buf", "eof", "exc", "lost", "transport")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.eof = False
+        self.lost = False
+        self.exc: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self.peer is None:
-            transport.pause_reading()  # type: ignore[attr-defined]
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) >= HIGH_WATER:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.exc = exc
 
 
 class Tunnel:
@@ -122,7 +144,7 @@ class Tunnel:
         self.listener = listener
         self.on_closed = on_closed
         self.client_side = _Side(self)
-        self.upstream_side = UpstreamSide(self)
+        self.upstream_side = _Side(self)
         self.opened_at = time.time()
         self.opened_mono = time.monotonic()
         self.last_activity = self.opened_mono
@@ -144,23 +166,37 @@ class Tunnel:
         return self.upstream_side.nbytes
 
     def start(
-        self, client: asyncio.Transport, upstream: asyncio.Transport, early: bytes, leftover: bytes
+        self,
+        client: asyncio.Transport,
+        upstream: asyncio.Transport,
+        early: bytes,
+        pending: Pending,
+        leftover: bytes = b"",
     ) -> None:
         """Wire the two transports together. ``early`` are bytes the client sent
-        after its request head, ``leftover`` bytes the egress received after its
-        own handshake; both are forwarded, neither is lost."""
+        after its request head; ``leftover`` bytes the egress received after its
+        own handshake and ``pending.buf`` bytes the destination sent before the
+        tunnel started. All are forwarded, none is lost."""
         cs, us = self.client_side, self.upstream_side
         cs.peer, us.peer = upstream, client
         client.set_protocol(cs)
         cs.connection_made(client)
+        upstream.set_protocol(us)
+        us.connection_made(upstream)
         if early:
             cs.nbytes += len(early)
             upstream.write(early)
-        if leftover:
-            us.nbytes += len(leftover)
-            client.write(leftover)
-        # If a write above already passed a high-water mark, the transport has
-        # called pause_writing and will call resume_writing: leave that side paused.
+        held = leftover + pending.buf if leftover else pending.buf
+        if held:
+            us.nbytes += len(held)
+            client.write(held)
+        if pending.lost:
+            us.connection_lost(pending.exc)
+            return
+        if pending.eof:
+            us.eof_received()
+        # If a write above passed a high-water mark, the transport has called
+        # pause_writing and will call resume_writing: leave that side paused.
         if client.get_write_buffer_size() <= HIGH_WATER:
             upstream.resume_reading()
         if upstream.get_write_buffer_size() <= HIGH_WATER:

@@ -1,0 +1,341 @@
+"""Shared fixtures: a trustme CA, a fake Konnect control plane that demands a
+client certificate, and the relay started as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+
+CP_HOST = "dp-test.eu.cp0.konghq.com"
+TP_HOST = "dp-test.eu.tp0.konghq.com"
+WAIT = 10.0  # upper bound for any single wait in the tests
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; fails under CI (where .ci/run installs it), skips elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run must install it")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+# --- certificates --------------------------------------------------------------
+
+
+@dataclass
+class Certs:
+    ca: trustme.CA
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    client_pem: Path  # cert + key in one file (curl --cert)
+    server_sha256: str
+    client_sha256: str
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_file))
+        ctx.load_cert_chain(self.server_cert, self.server_key)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        ctx.load_cert_chain(self.client_cert, self.client_key)
+        return ctx
+
+
+def _der_sha256(pem: bytes) -> str:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.decode())).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    d = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    server = ca.issue_cert(CP_HOST, TP_HOST, "*.eu.cp0.konghq.com", "*.eu.tp0.konghq.com")
+    client = ca.issue_cert("dp-1.example.test", common_name="dp-1")
+    paths = {}
+    for name, blob in {
+        "ca.pem": ca.cert_pem.bytes(),
+        "server.pem": server.cert_chain_pems[0].bytes(),
+        "server.key": server.private_key_pem.bytes(),
+        "client.pem": client.cert_chain_pems[0].bytes(),
+        "client.key": client.private_key_pem.bytes(),
+        "client-full.pem": client.cert_chain_pems[0].bytes() + client.private_key_pem.bytes(),
+    }.items():
+        (d / name).write_bytes(blob)
+        paths[name] = d / name
+    return Certs(
+        ca=ca,
+        ca_file=paths["ca.pem"],
+        server_cert=paths["server.pem"],
+        server_key=paths["server.key"],
+        client_cert=paths["client.pem"],
+        client_key=paths["client.key"],
+        client_pem=paths["client-full.pem"],
+        server_sha256=_der_sha256(server.cert_chain_pems[0].bytes()),
+        client_sha256=_der_sha256(client.cert_chain_pems[0].bytes()),
+    )
+
+
+# --- a background event loop for in-process peers ------------------------------
+
+
+class LoopThread:
+    """An asyncio loop in a thread, for fake servers the tests talk to."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = WAIT) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+# --- the fake Konnect control plane --------------------------------------------
+
+
+@dataclass
+class FakeControlPlane:
+    """TLS server demanding a client certificate from the test CA.
+
+    HTTP ``GET /whoami`` answers JSON with the SHA-256 of the client certificate
+    it saw; a WebSocket on ``/v1/outlet`` echoes every message prefixed with that
+    fingerprint. Both prove the relay did not touch the mTLS session.
+    """
+
+    port: int
+    seen: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def fake_cp(certs: Certs, loop_thread: LoopThread) -> Iterator[FakeControlPlane]:
+    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request, Response
+
+    state = FakeControlPlane(port=0)
+
+    def fingerprint(conn: ServerConnection) -> str:
+        sslobj = conn.transport.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj else None
+        fp = hashlib.sha256(der).hexdigest() if der else ""
+        state.seen.append(fp)
+        return fp
+
+    def process_request(conn: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/whoami":
+            body = json.dumps({"client_cert_sha256": fingerprint(conn)}).encode()
+            headers = Headers(
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(body))),
+                    ("Connection", "close"),
+                ]
+            )
+            return Response(200, "OK", headers, body)
+        return None
+
+    async def handler(conn: ServerConnection) -> None:
+        fp = fingerprint(conn)
+        async for message in conn:
+            await conn.send(f"{fp}:{message}")
+
+    async def start() -> Any:
+        return await serve(
+            handler,
+            "127.0.0.1",
+            0,
+            ssl=certs.server_context(),
+            process_request=process_request,
+            ping_interval=None,
+        )
+
+    server = loop_thread.run(start())
+    state.port = server.sockets[0].getsockname()[1]
+    yield state
+    server.close()
+
+
+# --- the relay as a subprocess --------------------------------------------------
+
+
+class RelayProcess:
+    """``python -m relay run --config FILE`` with stdout parsed as JSON events."""
+
+    def __init__(self, config: dict[str, Any], tmp: Path) -> None:
+        self.config_path = tmp / "relay.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "run", "--config", str(self.config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        first = self.wait_event(lambda e: e["event"] == "listening")
+        host, _, port = first["proxy"][0].rpartition(":")
+        self.proxy = (host.strip("[]"), int(port))
+        self.proxy_url = f"http://{first['proxy'][0]}"
+        self.admin = first["admin"]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except json.JSONDecodeError:
+                self.events.put({"event": "non-json", "line": line})
+
+    def wait_event(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = WAIT
+    ) -> dict[str, Any]:
+        for event in self.seen:
+            if pred(event):
+                self.seen.remove(event)
+                return event
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.proc.poll() is not None and self.events.empty():
+                err = ""
+                if (
+                    self.proc.poll() is not None
+                    and self.proc.stderr
+                    and not self.proc.stderr.closed
+                ):
+                    err = self.proc.stderr.read()
+                raise AssertionError(f"event not seen within {timeout} s; stderr: {err}")
+            try:
+                event = self.events.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if pred(event):
+                return event
+            self.seen.append(event)
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=WAIT) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        """Samples of konnect_relay_* as {'name{labels}': value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out = {}
+        for family in text_string_to_metric_families(self.get("/metrics")[1]):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}"] = s.value
+        return out
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(WAIT * 3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(WAIT)
+        self._reader.join(WAIT)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return self.proc.returncode
+
+
+def relay_config(**overrides: Any) -> dict[str, Any]:
+    """A test config: ephemeral ports, loopback allowed, Konnect names mapped by tests."""
+    cfg: dict[str, Any] = {
+        "listen": [{"address": "127.0.0.1:0"}],
+        "admin": {"address": "127.0.0.1:0"},
+        "resolver": {"static": {}, "allow_private": True},
+        "limits": {"drain_timeout": 2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+@pytest.fixture
+def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    started: list[RelayProcess] = []
+
+    def start(config: dict[str, Any] | None = None) -> RelayProcess:
+        sub = tmp_path / f"relay{len(started)}"
+        sub.mkdir()
+        relay = RelayProcess(config if config is not None else relay_config(), sub)
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.stop()
+
+
+@pytest.fixture
+def relay(start_relay: Callable[..., RelayProcess], fake_cp: FakeControlPlane) -> RelayProcess:
+    """A relay whose Konnect names lead to the fake control plane."""
+    target = f"127.0.0.1:{fake_cp.port}"
+    return start_relay(relay_config(resolver={"static": {CP_HOST: target, TP_HOST: target}}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
