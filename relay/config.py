@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -76,7 +76,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
 
 _StrictLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
+    _construct_mapping,
 )
 
 
@@ -130,6 +130,10 @@ Address = Annotated[str, AfterValidator(_check_address)]
 Label = Annotated[str, AfterValidator(_check_label)]
 Pattern = Annotated[str, AfterValidator(_check_pattern)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+Region = Literal["au", "eu", "me", "in", "sg", "us"]
+MeshGeo = Literal["au", "eu", "us", "global"]
+REGIONS: tuple[Region, ...] = get_args(Region)
+MESH_GEOS: tuple[MeshGeo, ...] = get_args(MeshGeo)
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
@@ -150,14 +154,10 @@ class AdminModel(_Strict):
 
 
 class KonnectModel(_Strict):
-    regions: list[Literal["au", "eu", "me", "in", "sg", "us"]] = Field(
-        default_factory=lambda: list(policy.KONNECT_REGIONS)
-    )
+    regions: list[Region] = Field(default_factory=lambda: list(REGIONS))
     control_planes: list[Label] = Field(default_factory=list)
     portals: list[Label] = Field(default_factory=list)
-    mesh_geos: list[Literal["au", "eu", "us", "global"]] = Field(
-        default_factory=lambda: list(policy.MESH_GEOS)
-    )
+    mesh_geos: list[MeshGeo] = Field(default_factory=lambda: list(MESH_GEOS))
     ports: list[Port] = Field(default_factory=lambda: [443], min_length=1)
 
 

@@ -237,7 +237,7 @@ class RelayProcess:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.proc.poll() is not None and self.events.empty():
+            if remaining <= 0 or (self.proc.poll() is not None and self.events.empty()):
                 err = ""
                 if (
                     self.proc.poll() is not None

@@ -59,13 +59,12 @@ async def happy_eyeballs(
             )
             for task in done:
                 endpoint = attempts.pop(task)
-                exc = task.exception()
-                if exc is None:
+                failure = task.exception()
+                if failure is None:
                     return task.result(), endpoint
-                if isinstance(exc, OSError):
-                    errors.append(classify(exc, str(endpoint)))
-                else:
-                    raise exc
+                if not isinstance(failure, OSError):
+                    raise failure
+                errors.append(classify(failure, str(endpoint)))
     finally:
         for task in attempts:
             task.cancel()

@@ -10,7 +10,7 @@ import ssl
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import pytest
 
@@ -33,6 +33,13 @@ def connect_via(
     sock = socket.create_connection(relay.proxy, timeout=WAIT)
     sock.sendall(f"CONNECT {target} {version}\r\nHost: {target}\r\n\r\n".encode() + extra)
     return sock, read_head(sock)
+
+
+def open_tunnel(relay: RelayProcess, target: str = f"{CP_HOST}:443") -> socket.socket:
+    """A CONNECT that must succeed; returns the tunnel's socket."""
+    sock, head = connect_via(relay, target)
+    assert head == b"HTTP/1.1 200 Connection established\r\n\r\n", head
+    return sock
 
 
 def read_head(sock: socket.socket) -> bytes:
@@ -85,11 +92,8 @@ def tcp_peer(handler: Callable[[socket.socket], None]) -> Iterator[tuple[int, li
             t.start()
 
     def _run(conn: socket.socket) -> None:
-        with conn:
-            try:
-                handler(conn)
-            except OSError:
-                pass
+        with conn, suppress(OSError):
+            handler(conn)
 
     loop = threading.Thread(target=serve, daemon=True)
     loop.start()
@@ -397,7 +401,7 @@ def test_stalled_peer_bounds_memory(start_relay: Callable[..., RelayProcess]) ->
 
     with tcp_peer(stall) as (port, _):
         relay = start_relay(relay_config(resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}))
-        sock, head = connect_via(relay, f"{CP_HOST}:443")
+        sock = open_tunnel(relay)
         rss_before = relay.rss_kib()
         sent = 0
         chunk = b"x" * 65536
@@ -430,7 +434,7 @@ def test_byte_counters_live_and_reconnects(start_relay: Callable[..., RelayProce
 
     with tcp_peer(echo) as (port, _):
         relay = start_relay(relay_config(resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}))
-        sock, head = connect_via(relay, f"{CP_HOST}:443")
+        sock = open_tunnel(relay)
         sock.sendall(b"a" * 100_000)
         assert recv_exactly(sock, 100_000) == b"a" * 100_000
         samples = relay.metrics()
@@ -443,6 +447,7 @@ def test_byte_counters_live_and_reconnects(start_relay: Callable[..., RelayProce
         )
         assert samples[f"konnect_relay_tunnels_active{{{host}}}"] == 1
         status, body = relay.get("/tunnels")
+        assert status == 200
         (entry,) = json.loads(body)
         assert entry["host"] == CP_HOST and entry["bytes_up"] == 100_000
         assert set(entry) >= {
@@ -478,7 +483,7 @@ def test_idle_timeout_closes(start_relay: Callable[..., RelayProcess]) -> None:
                 resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}, limits={"idle_timeout": 0.4}
             )
         )
-        sock, head = connect_via(relay, f"{CP_HOST}:443")
+        sock = open_tunnel(relay)
         with sock:
             closed = relay.wait_event(lambda e: e["event"] == "tunnel_closed")
             assert sock.recv(1) == b""
@@ -500,7 +505,7 @@ def test_drain_on_sigterm(start_relay: Callable[..., RelayProcess]) -> None:
                 resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}, limits={"drain_timeout": 1.5}
             )
         )
-        sock, head = connect_via(relay, f"{CP_HOST}:443")
+        sock = open_tunnel(relay)
         assert relay.get("/readyz")[0] == 200
         relay.proc.terminate()
         relay.wait_event(lambda e: e["event"] == "draining")
