@@ -1,0 +1,940 @@
+/*
+ * loadgen: the load side of the konnect-relay benchmark.
+ *
+ * One single-threaded epoll program with four modes, so that the load is never
+ * the bottleneck of what it measures:
+ *
+ *   loadgen sink  [--port P] [--lifetime S]
+ *       The destination. Listens on 127.0.0.1:P (0 = any), prints {"port": P}
+ *       and serves until stdin closes, SIGTERM, or the lifetime ends. Each
+ *       connection opens with a command byte (sink protocol below).
+ *
+ *   loadgen bulk  --to H:P [--connect NAME:PORT] --dir up|down --tunnels N --bytes B
+ *       N tunnels, each moving B bytes one way; prints bytes and seconds.
+ *
+ *   loadgen setup --to H:P [--connect NAME:PORT] --concurrency C --duration S [--max N]
+ *       Closed loop: connect, CONNECT, wait for the 200, 64-byte request, 64-byte
+ *       reply, close; C at a time for S seconds (or N tunnels); prints tunnels/s
+ *       and latency percentiles.
+ *
+ *   loadgen idle  --to H:P [--connect NAME:PORT] --steps 1000,5000
+ *       Opens tunnels up to each step, each verified end to end by a one-byte
+ *       echo, prints a JSON line per step and waits for a line on stdin before
+ *       the next step; closes everything after the last line.
+ *
+ * Without --connect the client talks to --to directly (the direct path);
+ * with it, --to is an HTTP proxy and every tunnel starts with
+ * "CONNECT NAME:PORT HTTP/1.1". --watch PID,... and --load-pid PID add the CPU
+ * share of those processes over the measured interval (from /proc/PID/stat).
+ *
+ * Sink protocol (client -> sink, first bytes of each tunnel):
+ *   'U' u64be n   client sends n bytes; sink discards them, then answers the
+ *                 8-byte count it received (so upload time is end to end
+ *                 without relying on half-close, which proxies treat differently)
+ *   'D' u64be n   sink sends n bytes
+ *   'R' + 63 B    sink answers 64 bytes and closes
+ *   'E'           sink echoes every later byte
+ * After its part, the sink waits for the client to close, except after 'R':
+ * there the sink closes first and the client closes once it sees the EOF, so
+ * no TIME_WAIT state is left on ephemeral ports (a closed loop at >10k
+ * tunnels/s exhausts loopback's 28k ports within seconds otherwise).
+ *
+ * Zero-copy where the kernel allows: senders use sendfile() from a memfd,
+ * receivers discard with recv(MSG_TRUNC), which TCP honours without copying.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+/* Size of the memfd that senders sendfile() from, cycling through it. */
+#define MEMFD_SIZE (4u << 20)
+/* Largest CONNECT response head we accept: squid's and tinyproxy's are < 200 B. */
+#define MAX_RESPONSE_HEAD 2048
+/* Request and reply size of the setup figure ("one small request/response"). */
+#define RR_SIZE 64
+/* Bound on latency samples kept for percentiles (16 MB of doubles). */
+#define MAX_SAMPLES (2u << 20)
+/* Tunnels an idle run may hold: the 20,000-fd cap allows one proxy ~9,900. */
+#define MAX_IDLE 20000
+/* Establishments in flight while opening idle tunnels. */
+#define IDLE_CONCURRENCY 256
+/* A single tunnel that takes longer than this to set up counts as failed. */
+#define TUNNEL_TIMEOUT_S 10.0
+#define MAX_EVENTS 512
+#define LISTEN_BACKLOG 4096
+
+static int g_memfd = -1;
+static volatile sig_atomic_t g_stop = 0;
+
+static void on_signal(int sig) {
+    (void)sig;
+    g_stop = 1;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void die(const char *fmt, ...) {
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    printf("{\"error\": \"");
+    for (const char *p = msg; *p; p++) {
+        if (*p == '"' || *p == '\\') putchar('\\');
+        putchar(*p >= 0x20 ? *p : ' ');
+    }
+    printf("\"}\n");
+    fflush(stdout);
+    exit(1);
+}
+
+static void put_u64be(unsigned char *p, uint64_t v) {
+    for (int i = 7; i >= 0; i--) {
+        p[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+static uint64_t get_u64be(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+static void make_memfd(void) {
+    g_memfd = memfd_create("loadgen", 0);
+    if (g_memfd < 0) die("memfd_create: %s", strerror(errno));
+    unsigned char *buf = malloc(65536);
+    if (!buf) die("malloc");
+    for (unsigned i = 0; i < 65536; i++) buf[i] = (unsigned char)(i * 131u + 7u);
+    for (unsigned off = 0; off < MEMFD_SIZE; off += 65536) {
+        if (pwrite(g_memfd, buf, 65536, off) != 65536) die("memfd write: %s", strerror(errno));
+    }
+    free(buf);
+}
+
+/* sendfile() up to want bytes from the memfd, cycling; returns bytes sent or -1. */
+static ssize_t send_from_memfd(int fd, off_t *off, uint64_t want) {
+    size_t n = MEMFD_SIZE - (size_t)*off;
+    if ((uint64_t)n > want) n = (size_t)want;
+    ssize_t r = sendfile(fd, g_memfd, off, n);
+    if (*off >= (off_t)MEMFD_SIZE) *off = 0;
+    return r;
+}
+
+/* Discard up to want received bytes without copying them (tcp(7) MSG_TRUNC). */
+static ssize_t discard(int fd, uint64_t want) {
+    static char dummy[1];
+    size_t n = want > (1u << 30) ? (1u << 30) : (size_t)want;
+    return recv(fd, dummy, n, MSG_TRUNC | MSG_DONTWAIT);
+}
+
+static void set_nonblock(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static void parse_hostport(const char *s, struct sockaddr_in *sa) {
+    char host[256];
+    const char *colon = strrchr(s, ':');
+    if (!colon || colon == s || (size_t)(colon - s) >= sizeof host) die("bad address %s", s);
+    memcpy(host, s, (size_t)(colon - s));
+    host[colon - s] = 0;
+    memset(sa, 0, sizeof *sa);
+    sa->sin_family = AF_INET;
+    sa->sin_port = htons((uint16_t)atoi(colon + 1));
+    if (inet_pton(AF_INET, host, &sa->sin_addr) != 1) die("bad IPv4 address %s", host);
+}
+
+/* ---------------------------------------------------------------- CPU watch */
+
+#define MAX_WATCH 64
+static int g_watch[MAX_WATCH];
+static int g_nwatch = 0;
+static int g_load_pid = 0;
+
+static long long proc_ticks(int pid) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    /* comm may contain spaces: fields are counted after the last ')'. */
+    char *p = strrchr(buf, ')');
+    if (!p) return 0;
+    p += 2; /* field 3 (state) */
+    unsigned long long ut = 0, st = 0;
+    /* fields 3..13 skipped, then utime (14) and stime (15) */
+    if (sscanf(p, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2) return 0;
+    return (long long)(ut + st);
+}
+
+static double self_cpu_s(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+}
+
+/* Busy and total jiffies per core from /proc/stat: unlike a process's
+ * utime+stime this includes softirq time, where loopback TCP does much of
+ * its work, so it tells which core was saturated. */
+#define MAX_CORES 8
+typedef struct {
+    double t;
+    long long proxy_ticks;
+    long long load_ticks;
+    double self_cpu;
+    int ncores;
+    long long busy[MAX_CORES];
+    long long total[MAX_CORES];
+} cpu_mark;
+
+static void read_cores(cpu_mark *m) {
+    m->ncores = 0;
+    FILE *f = fopen("/proc/stat", "r");
+    if (!f) return;
+    char line[512];
+    while (fgets(line, sizeof line, f) && m->ncores < MAX_CORES) {
+        int id;
+        unsigned long long v[8] = {0};
+        if (strncmp(line, "cpu", 3) != 0 || line[3] < '0' || line[3] > '9') continue;
+        if (sscanf(line, "cpu%d %llu %llu %llu %llu %llu %llu %llu %llu", &id, &v[0], &v[1], &v[2],
+                   &v[3], &v[4], &v[5], &v[6], &v[7]) != 9)
+            continue;
+        /* user nice system idle iowait irq softirq steal */
+        long long idle = (long long)(v[3] + v[4]);
+        long long total = 0;
+        for (int i = 0; i < 8; i++) total += (long long)v[i];
+        m->busy[m->ncores] = total - idle;
+        m->total[m->ncores] = total;
+        m->ncores++;
+    }
+    fclose(f);
+}
+
+static cpu_mark cpu_now(void) {
+    cpu_mark m;
+    m.t = now_s();
+    m.proxy_ticks = 0;
+    for (int i = 0; i < g_nwatch; i++) m.proxy_ticks += proc_ticks(g_watch[i]);
+    m.load_ticks = g_load_pid ? proc_ticks(g_load_pid) : 0;
+    m.self_cpu = self_cpu_s();
+    read_cores(&m);
+    return m;
+}
+
+/* Prints ", \"proxy_cpu\": x, \"load_cpu\": y" for the interval a..b. */
+static void print_cpu(cpu_mark a, cpu_mark b) {
+    double hz = (double)sysconf(_SC_CLK_TCK);
+    double dt = b.t - a.t;
+    if (dt <= 0) dt = 1e-9;
+    if (g_nwatch)
+        printf(", \"proxy_cpu\": %.4f", (double)(b.proxy_ticks - a.proxy_ticks) / hz / dt);
+    else
+        printf(", \"proxy_cpu\": null");
+    double load = (b.self_cpu - a.self_cpu) + (double)(b.load_ticks - a.load_ticks) / hz;
+    printf(", \"load_cpu\": %.4f, \"core_busy\": [", load / dt);
+    for (int i = 0; i < a.ncores && i < b.ncores; i++) {
+        long long tot = b.total[i] - a.total[i];
+        printf("%s%.4f", i ? ", " : "", tot > 0 ? (double)(b.busy[i] - a.busy[i]) / (double)tot : 0.0);
+    }
+    printf("]");
+}
+
+/* ------------------------------------------------------------------- sink */
+
+enum { S_HEAD, S_UPLOAD, S_DOWNLOAD, S_ECHO, S_WAIT_EOF };
+
+typedef struct {
+    unsigned char state;
+    unsigned char hlen;
+    unsigned char head[RR_SIZE];
+    uint64_t remaining;
+    uint64_t received;
+    off_t off;
+} sink_conn;
+
+static sink_conn *g_sconns;
+static int g_sconns_n;
+
+static void sink_close(int ep, int fd) {
+    epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
+    close(fd);
+}
+
+static void sink_set_events(int ep, int fd, uint32_t ev) {
+    struct epoll_event e = {.events = ev, .data.fd = fd};
+    epoll_ctl(ep, EPOLL_CTL_MOD, fd, &e);
+}
+
+/* Reads what it can; returns 0 to keep the connection, -1 to close it. */
+static int sink_on_event(int ep, int fd, uint32_t events) {
+    sink_conn *c = &g_sconns[fd];
+    if (events & EPOLLERR) return -1;
+    for (;;) {
+        switch (c->state) {
+        case S_HEAD: {
+            size_t need;
+            if (c->hlen == 0) {
+                need = 1;
+            } else if (c->head[0] == 'U' || c->head[0] == 'D') {
+                need = 9;
+            } else if (c->head[0] == 'R') {
+                need = RR_SIZE;
+            } else if (c->head[0] == 'E') {
+                c->state = S_ECHO;
+                continue;
+            } else {
+                return -1;
+            }
+            if (c->hlen < need) {
+                ssize_t r = recv(fd, c->head + c->hlen, need - c->hlen, MSG_DONTWAIT);
+                if (r == 0) return -1;
+                if (r < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+                c->hlen = (unsigned char)(c->hlen + r);
+                continue;
+            }
+            if (c->head[0] == 'U') {
+                c->remaining = get_u64be(c->head + 1);
+                c->received = 0;
+                c->state = S_UPLOAD;
+            } else if (c->head[0] == 'D') {
+                c->remaining = get_u64be(c->head + 1);
+                c->off = 0;
+                c->state = S_DOWNLOAD;
+                sink_set_events(ep, fd, EPOLLOUT);
+                return 0;
+            } else { /* 'R' */
+                unsigned char reply[RR_SIZE];
+                memset(reply, 'r', sizeof reply);
+                /* The sink closes first: TIME_WAIT then lands on the listening
+                 * sides, and the 28k ephemeral ports of the client and of the
+                 * proxy's upstream leg never run out at >10k tunnels/s. */
+                send(fd, reply, sizeof reply, MSG_NOSIGNAL);
+                return -1;
+            }
+            continue;
+        }
+        case S_UPLOAD: {
+            if (c->remaining == 0) {
+                unsigned char ack[8];
+                put_u64be(ack, c->received);
+                if (send(fd, ack, 8, MSG_NOSIGNAL) != 8) return -1;
+                c->state = S_WAIT_EOF;
+                continue;
+            }
+            ssize_t r = discard(fd, c->remaining);
+            if (r == 0) return -1;
+            if (r < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+            c->remaining -= (uint64_t)r;
+            c->received += (uint64_t)r;
+            continue;
+        }
+        case S_DOWNLOAD: {
+            if (!(events & EPOLLOUT) && c->remaining) return 0;
+            while (c->remaining) {
+                ssize_t r = send_from_memfd(fd, &c->off, c->remaining);
+                if (r < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+                if (r == 0) return -1;
+                c->remaining -= (uint64_t)r;
+            }
+            c->state = S_WAIT_EOF;
+            sink_set_events(ep, fd, EPOLLIN);
+            return 0;
+        }
+        case S_ECHO: {
+            char buf[4096];
+            ssize_t r = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+            if (r == 0) return -1;
+            if (r < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+            /* Echo traffic is a byte per tunnel: a short write means a broken peer. */
+            if (send(fd, buf, (size_t)r, MSG_NOSIGNAL | MSG_DONTWAIT) != r) return -1;
+            continue;
+        }
+        case S_WAIT_EOF: {
+            ssize_t r = discard(fd, 1u << 20);
+            if (r == 0) return -1;
+            if (r < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+            continue;
+        }
+        }
+    }
+}
+
+static int run_sink(int port, double lifetime) {
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    g_sconns_n = (int)(rl.rlim_cur > 1048576 ? 1048576 : rl.rlim_cur);
+    g_sconns = calloc((size_t)g_sconns_n, sizeof *g_sconns);
+    if (!g_sconns) die("calloc");
+    make_memfd();
+
+    int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(ls, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind: %s", strerror(errno));
+    if (listen(ls, LISTEN_BACKLOG) < 0) die("listen: %s", strerror(errno));
+    socklen_t sl = sizeof sa;
+    getsockname(ls, (struct sockaddr *)&sa, &sl);
+
+    int ep = epoll_create1(0);
+    struct epoll_event e = {.events = EPOLLIN, .data.fd = ls};
+    epoll_ctl(ep, EPOLL_CTL_ADD, ls, &e);
+    e.data.fd = 0;
+    epoll_ctl(ep, EPOLL_CTL_ADD, 0, &e); /* stdin closing ends the sink */
+
+    printf("{\"port\": %d, \"pid\": %d}\n", ntohs(sa.sin_port), (int)getpid());
+    fflush(stdout);
+
+    double deadline = now_s() + lifetime;
+    struct epoll_event evs[MAX_EVENTS];
+    while (!g_stop && now_s() < deadline) {
+        int n = epoll_wait(ep, evs, MAX_EVENTS, 1000);
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == 0) {
+                char b[256];
+                ssize_t r = read(0, b, sizeof b);
+                if (r <= 0) g_stop = 1;
+            } else if (fd == ls) {
+                for (;;) {
+                    int c = accept4(ls, NULL, NULL, SOCK_NONBLOCK);
+                    if (c < 0) break;
+                    if (c >= g_sconns_n) {
+                        close(c);
+                        continue;
+                    }
+                    memset(&g_sconns[c], 0, sizeof g_sconns[c]);
+                    struct epoll_event ce = {.events = EPOLLIN, .data.fd = c};
+                    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ce);
+                }
+            } else if (sink_on_event(ep, fd, evs[i].events) < 0) {
+                sink_close(ep, fd);
+            }
+        }
+    }
+    return 0;
+}
+
+/* ----------------------------------------------------------------- client */
+
+typedef struct {
+    struct sockaddr_in to;
+    const char *connect_name; /* NULL: direct path */
+    char req[512];
+    size_t req_len;
+    double timeout;
+} client_cfg;
+
+static client_cfg g_cfg;
+
+/* Status line "HTTP/1.x 200 ..." and the head ends exactly at the buffer end. */
+static int response_ok(const char *buf, size_t len) {
+    if (len < 16 || memcmp(buf, "HTTP/1.", 7) != 0) return 0;
+    if (memcmp(buf + 8, " 200", 4) != 0) return 0;
+    return memcmp(buf + len - 4, "\r\n\r\n", 4) == 0;
+}
+
+static int head_complete(const char *buf, size_t len) {
+    return len >= 4 && memmem(buf, len, "\r\n\r\n", 4) != NULL;
+}
+
+/* Blocking tunnel setup (bulk mode, N <= a few): returns a connected socket. */
+static int open_tunnel_blocking(void) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct timeval tv = {.tv_sec = (time_t)TUNNEL_TIMEOUT_S};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (connect(fd, (struct sockaddr *)&g_cfg.to, sizeof g_cfg.to) < 0)
+        die("connect: %s", strerror(errno));
+    if (g_cfg.connect_name) {
+        if (send(fd, g_cfg.req, g_cfg.req_len, MSG_NOSIGNAL) != (ssize_t)g_cfg.req_len)
+            die("send CONNECT: %s", strerror(errno));
+        char buf[MAX_RESPONSE_HEAD];
+        size_t len = 0;
+        while (!head_complete(buf, len)) {
+            if (len == sizeof buf) die("CONNECT response head too long");
+            ssize_t r = recv(fd, buf + len, sizeof buf - len, 0);
+            if (r <= 0) die("CONNECT response: %s", r == 0 ? "closed" : strerror(errno));
+            len += (size_t)r;
+        }
+        if (!response_ok(buf, len)) {
+            buf[len < 60 ? len : 60] = 0;
+            die("CONNECT refused: %s", buf);
+        }
+    }
+    set_nonblock(fd);
+    return fd;
+}
+
+typedef struct {
+    int fd;
+    int done;
+    uint64_t remaining;
+    off_t off;
+    unsigned char ack[8];
+    int acklen;
+} bulk_conn;
+
+static int run_bulk(int up, int ntun, uint64_t bytes) {
+    make_memfd();
+    bulk_conn *bc = calloc((size_t)ntun, sizeof *bc);
+    if (!bc) die("calloc");
+    for (int i = 0; i < ntun; i++) bc[i].fd = open_tunnel_blocking();
+
+    int ep = epoll_create1(0);
+    cpu_mark m0 = cpu_now();
+    for (int i = 0; i < ntun; i++) {
+        unsigned char hdr[9];
+        hdr[0] = up ? 'U' : 'D';
+        put_u64be(hdr + 1, bytes);
+        if (send(bc[i].fd, hdr, 9, MSG_NOSIGNAL) != 9) die("send header: %s", strerror(errno));
+        bc[i].remaining = bytes;
+        struct epoll_event e = {.events = up ? EPOLLOUT : EPOLLIN, .data.u32 = (uint32_t)i};
+        epoll_ctl(ep, EPOLL_CTL_ADD, bc[i].fd, &e);
+    }
+    int left = ntun;
+    double deadline = m0.t + g_cfg.timeout;
+    struct epoll_event evs[MAX_EVENTS];
+    while (left > 0) {
+        if (now_s() > deadline) die("bulk timed out with %d tunnels unfinished", left);
+        int n = epoll_wait(ep, evs, MAX_EVENTS, 1000);
+        for (int k = 0; k < n; k++) {
+            bulk_conn *c = &bc[evs[k].data.u32];
+            if (c->done) continue;
+            if (up && c->remaining) {
+                while (c->remaining) {
+                    ssize_t r = send_from_memfd(c->fd, &c->off, c->remaining);
+                    if (r < 0 && (errno == EAGAIN || errno == EINTR)) break;
+                    if (r <= 0) die("upload: %s", r == 0 ? "closed" : strerror(errno));
+                    c->remaining -= (uint64_t)r;
+                }
+                if (c->remaining == 0) {
+                    struct epoll_event e = {.events = EPOLLIN, .data.u32 = evs[k].data.u32};
+                    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
+                }
+            } else if (up) {
+                ssize_t r = recv(c->fd, c->ack + c->acklen, (size_t)(8 - c->acklen), MSG_DONTWAIT);
+                if (r < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+                if (r <= 0) die("upload ack: %s", r == 0 ? "closed" : strerror(errno));
+                c->acklen += (int)r;
+                if (c->acklen == 8) {
+                    if (get_u64be(c->ack) != bytes) die("sink received a different byte count");
+                    c->done = 1;
+                    left--;
+                }
+            } else {
+                for (;;) {
+                    ssize_t r = discard(c->fd, c->remaining);
+                    if (r < 0 && (errno == EAGAIN || errno == EINTR)) break;
+                    if (r <= 0) die("download: %s", r == 0 ? "closed early" : strerror(errno));
+                    c->remaining -= (uint64_t)r;
+                    if (c->remaining == 0) {
+                        c->done = 1;
+                        left--;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    cpu_mark m1 = cpu_now();
+    double secs = m1.t - m0.t;
+    uint64_t total = bytes * (uint64_t)ntun;
+    printf("{\"mode\": \"bulk\", \"dir\": \"%s\", \"tunnels\": %d, \"bytes\": %llu, "
+           "\"seconds\": %.6f, \"bytes_per_s\": %.1f",
+           up ? "up" : "down", ntun, (unsigned long long)total, secs, (double)total / secs);
+    print_cpu(m0, m1);
+    printf("}\n");
+    for (int i = 0; i < ntun; i++) close(bc[i].fd);
+    return 0;
+}
+
+/* Non-blocking tunnel state machine shared by the setup and idle modes. */
+enum { T_FREE, T_CONNECTING, T_READ_RESPONSE, T_READ_REPLY, T_READ_EOF, T_OPEN };
+
+typedef struct {
+    int fd;
+    unsigned char state;
+    unsigned short got;
+    double start;
+    double latency;
+    char buf[MAX_RESPONSE_HEAD];
+} tunnel;
+
+static int g_ep;
+static int g_idle; /* idle mode: echo "x" instead of request/reply, keep open */
+static unsigned char g_request[RR_SIZE];
+
+static void t_fail(tunnel *t) {
+    close(t->fd);
+    t->fd = -1;
+    t->state = T_FREE;
+}
+
+static int t_start(tunnel *t, uint32_t idx) {
+    t->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (t->fd < 0) return -1;
+    int one = 1;
+    setsockopt(t->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    t->start = now_s();
+    t->got = 0;
+    t->state = T_CONNECTING;
+    struct epoll_event e = {.events = EPOLLOUT, .data.u32 = idx};
+    int r = connect(t->fd, (struct sockaddr *)&g_cfg.to, sizeof g_cfg.to);
+    if (r < 0 && errno != EINPROGRESS) {
+        t_fail(t);
+        return -1;
+    }
+    epoll_ctl(g_ep, EPOLL_CTL_ADD, t->fd, &e);
+    return 0;
+}
+
+static int t_send_payload(tunnel *t, uint32_t idx) {
+    const void *p = g_idle ? (const void *)"Ex" : (const void *)g_request;
+    size_t n = g_idle ? 2 : RR_SIZE;
+    if (send(t->fd, p, n, MSG_NOSIGNAL) != (ssize_t)n) return -1;
+    t->got = 0;
+    t->state = T_READ_REPLY;
+    struct epoll_event e = {.events = EPOLLIN, .data.u32 = idx};
+    epoll_ctl(g_ep, EPOLL_CTL_MOD, t->fd, &e);
+    return 0;
+}
+
+/* Advances one tunnel; returns 1 when it completed, 0 to wait, -1 on failure. */
+static int t_event(tunnel *t, uint32_t idx, uint32_t events) {
+    if (t->state == T_CONNECTING) {
+        int err = 0;
+        socklen_t el = sizeof err;
+        getsockopt(t->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+        if (err || (events & EPOLLERR)) return -1;
+        if (!g_cfg.connect_name) return t_send_payload(t, idx);
+        if (send(t->fd, g_cfg.req, g_cfg.req_len, MSG_NOSIGNAL) != (ssize_t)g_cfg.req_len) return -1;
+        t->state = T_READ_RESPONSE;
+        struct epoll_event e = {.events = EPOLLIN, .data.u32 = idx};
+        epoll_ctl(g_ep, EPOLL_CTL_MOD, t->fd, &e);
+        return 0;
+    }
+    if (t->state == T_READ_RESPONSE) {
+        ssize_t r = recv(t->fd, t->buf + t->got, sizeof t->buf - t->got, MSG_DONTWAIT);
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+        if (r <= 0) return -1;
+        t->got = (unsigned short)(t->got + r);
+        if (!head_complete(t->buf, t->got)) return t->got == sizeof t->buf ? -1 : 0;
+        if (!response_ok(t->buf, t->got)) return -1;
+        return t_send_payload(t, idx);
+    }
+    if (t->state == T_READ_REPLY) {
+        size_t want = g_idle ? 1 : RR_SIZE;
+        ssize_t r = recv(t->fd, t->buf + t->got, want - t->got, MSG_DONTWAIT);
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+        if (r <= 0) return -1;
+        t->got = (unsigned short)(t->got + r);
+        if (t->got < want) return 0;
+        if (g_idle ? t->buf[0] != 'x' : t->buf[0] != 'r') return -1;
+        if (g_idle) return 1;
+        t->latency = now_s() - t->start;
+        t->state = T_READ_EOF;
+        return 0;
+    }
+    if (t->state == T_READ_EOF) {
+        ssize_t r = recv(t->fd, t->buf, 1, MSG_DONTWAIT);
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
+        return r == 0 ? 1 : -1;
+    }
+    /* T_OPEN: an idle tunnel must stay silent; any event means it broke. */
+    return -1;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double percentile(double *v, size_t n, double p) {
+    if (n == 0) return 0;
+    size_t i = (size_t)(p * (double)(n - 1) + 0.5);
+    return v[i];
+}
+
+static int run_setup(int conc, double duration, long max) {
+    g_ep = epoll_create1(0);
+    memset(g_request, 'q', sizeof g_request);
+    g_request[0] = 'R';
+    if (max <= 0 || max > (long)MAX_SAMPLES) max = MAX_SAMPLES;
+    double *lat = malloc(sizeof(double) * (size_t)max);
+    tunnel *ts = calloc((size_t)conc, sizeof *ts);
+    if (!lat || !ts) die("malloc");
+    size_t done = 0;
+    long started = 0, errors = 0;
+    cpu_mark m0 = cpu_now();
+    double end = m0.t + duration;
+    double hard_end = end + TUNNEL_TIMEOUT_S;
+    int active = 0;
+    for (int i = 0; i < conc && started < max; i++) {
+        started++;
+        if (t_start(&ts[i], (uint32_t)i) == 0) active++;
+        else errors++;
+    }
+    struct epoll_event evs[MAX_EVENTS];
+    double t_last = m0.t;
+    while (active > 0) {
+        double now = now_s();
+        if (now > hard_end) die("setup: %d tunnels stuck after the run", active);
+        int n = epoll_wait(g_ep, evs, MAX_EVENTS, 100);
+        for (int k = 0; k < n; k++) {
+            uint32_t idx = evs[k].data.u32;
+            tunnel *t = &ts[idx];
+            if (t->state == T_FREE) continue;
+            int r = t_event(t, idx, evs[k].events);
+            if (r == 0) continue;
+            now = now_s();
+            if (r > 0) {
+                lat[done++] = t->latency;
+                t_last = now;
+                close(t->fd);
+                t->state = T_FREE;
+            } else {
+                errors++;
+                t_fail(t);
+            }
+            active--;
+            if (errors > 100) die("setup: too many failed tunnels (%ld)", errors);
+            if (now < end && started < max) {
+                started++;
+                if (t_start(t, idx) == 0) active++;
+                else errors++;
+            }
+        }
+        /* A tunnel stuck past its own timeout counts as failed. */
+        now = now_s();
+        for (int i = 0; i < conc; i++) {
+            if (ts[i].state != T_FREE && now - ts[i].start > TUNNEL_TIMEOUT_S) {
+                errors++;
+                t_fail(&ts[i]);
+                active--;
+                if (now < end && started < max) {
+                    started++;
+                    if (t_start(&ts[i], (uint32_t)i) == 0) active++;
+                    else errors++;
+                }
+            }
+        }
+    }
+    cpu_mark m1 = cpu_now();
+    m1.t = t_last > m0.t ? t_last : m1.t;
+    double secs = m1.t - m0.t;
+    qsort(lat, done, sizeof *lat, cmp_double);
+    printf("{\"mode\": \"setup\", \"concurrency\": %d, \"tunnels\": %zu, \"errors\": %ld, "
+           "\"seconds\": %.6f, \"tunnels_per_s\": %.1f, \"p50_ms\": %.4f, \"p99_ms\": %.4f, "
+           "\"max_ms\": %.4f",
+           conc, done, errors, secs, secs > 0 ? (double)done / secs : 0.0,
+           percentile(lat, done, 0.50) * 1e3, percentile(lat, done, 0.99) * 1e3,
+           done ? lat[done - 1] * 1e3 : 0.0);
+    print_cpu(m0, m1);
+    printf("}\n");
+    return 0;
+}
+
+/* Waits for a line on stdin (or EOF, or the hold time) while watching the tunnels. */
+static long idle_hold(tunnel *ts, double hold) {
+    struct epoll_event e = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
+    epoll_ctl(g_ep, EPOLL_CTL_ADD, 0, &e);
+    long broken = 0;
+    double end = now_s() + hold;
+    struct epoll_event evs[MAX_EVENTS];
+    int waiting = 1;
+    while (waiting && now_s() < end && !g_stop) {
+        int n = epoll_wait(g_ep, evs, MAX_EVENTS, 200);
+        for (int k = 0; k < n; k++) {
+            uint32_t idx = evs[k].data.u32;
+            if (idx == UINT32_MAX) {
+                char b[256];
+                ssize_t r = read(0, b, sizeof b);
+                (void)r;
+                waiting = 0;
+            } else if (ts[idx].state == T_OPEN) {
+                broken++;
+                t_fail(&ts[idx]);
+            }
+        }
+    }
+    epoll_ctl(g_ep, EPOLL_CTL_DEL, 0, NULL);
+    return broken;
+}
+
+static int run_idle(long *steps, int nsteps, double hold) {
+    g_ep = epoll_create1(0);
+    g_idle = 1;
+    long max = steps[nsteps - 1];
+    if (max > MAX_IDLE) die("at most %d idle tunnels", MAX_IDLE);
+    tunnel *ts = calloc((size_t)max, sizeof *ts);
+    if (!ts) die("calloc");
+    long opened = 0, started = 0, errors = 0, broken = 0;
+    int active = 0;
+    cpu_mark m0 = cpu_now();
+    struct epoll_event evs[MAX_EVENTS];
+    for (int s = 0; s < nsteps; s++) {
+        long target = steps[s];
+        double deadline = now_s() + g_cfg.timeout;
+        while (opened < target) {
+            while (active < IDLE_CONCURRENCY && started < target) {
+                if (t_start(&ts[started], (uint32_t)started) < 0) die("idle: socket: %s", strerror(errno));
+                started++;
+                active++;
+            }
+            if (now_s() > deadline) die("idle: timed out with %ld of %ld tunnels open", opened, target);
+            int n = epoll_wait(g_ep, evs, MAX_EVENTS, 100);
+            for (int k = 0; k < n; k++) {
+                uint32_t idx = evs[k].data.u32;
+                tunnel *t = &ts[idx];
+                if (t->state == T_FREE) continue;
+                int was_open = t->state == T_OPEN;
+                int r = t_event(t, idx, evs[k].events);
+                if (r == 0) continue;
+                if (r > 0) {
+                    t->state = T_OPEN;
+                    opened++;
+                    active--;
+                } else {
+                    if (was_open) {
+                        broken++;
+                        opened--;
+                    } else {
+                        errors++;
+                        active--;
+                    }
+                    t_fail(t);
+                }
+            }
+            if (errors || broken) die("idle: %ld tunnels failed to open, %ld broke", errors, broken);
+        }
+        cpu_mark m1 = cpu_now();
+        printf("{\"mode\": \"idle\", \"open\": %ld, \"seconds\": %.6f", opened, m1.t - m0.t);
+        print_cpu(m0, m1);
+        printf("}\n");
+        fflush(stdout);
+        broken += idle_hold(ts, hold);
+        if (broken) die("idle: %ld open tunnels broke while held", broken);
+    }
+    for (long i = 0; i < max; i++)
+        if (ts[i].state != T_FREE) close(ts[i].fd);
+    printf("{\"mode\": \"idle\", \"closed\": %ld}\n", opened);
+    return 0;
+}
+
+/* ------------------------------------------------------------------- main */
+
+static void usage(void) {
+    fprintf(stderr,
+            "usage: loadgen sink [--port P] [--lifetime S]\n"
+            "       loadgen bulk  --to H:P [--connect NAME:PORT] --dir up|down --tunnels N --bytes B\n"
+            "       loadgen setup --to H:P [--connect NAME:PORT] --concurrency C --duration S [--max N]\n"
+            "       loadgen idle  --to H:P [--connect NAME:PORT] --steps N1,N2,... [--hold S]\n"
+            "common: [--timeout S] [--watch PID,...] [--load-pid PID]\n");
+    exit(2);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) usage();
+    const char *mode = argv[1];
+    const char *to = NULL, *dir = "up", *steps_s = "1000";
+    int port = 0, tunnels = 1, conc = 1;
+    double lifetime = 3600, duration = 1, hold = 120;
+    long max = 0;
+    unsigned long long bytes = 1u << 20;
+    g_cfg.timeout = 120;
+    for (int i = 2; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) usage();
+        i++;
+        if (!strcmp(a, "--port")) port = atoi(v);
+        else if (!strcmp(a, "--lifetime")) lifetime = atof(v);
+        else if (!strcmp(a, "--to")) to = v;
+        else if (!strcmp(a, "--connect")) g_cfg.connect_name = v;
+        else if (!strcmp(a, "--dir")) dir = v;
+        else if (!strcmp(a, "--tunnels")) tunnels = atoi(v);
+        else if (!strcmp(a, "--bytes")) bytes = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--concurrency")) conc = atoi(v);
+        else if (!strcmp(a, "--duration")) duration = atof(v);
+        else if (!strcmp(a, "--max")) max = atol(v);
+        else if (!strcmp(a, "--steps")) steps_s = v;
+        else if (!strcmp(a, "--hold")) hold = atof(v);
+        else if (!strcmp(a, "--timeout")) g_cfg.timeout = atof(v);
+        else if (!strcmp(a, "--load-pid")) g_load_pid = atoi(v);
+        else if (!strcmp(a, "--watch")) {
+            char *copy = strdup(v), *save = NULL;
+            for (char *p = strtok_r(copy, ",", &save); p && g_nwatch < MAX_WATCH;
+                 p = strtok_r(NULL, ",", &save))
+                g_watch[g_nwatch++] = atoi(p);
+            free(copy);
+        } else usage();
+    }
+    signal(SIGPIPE, SIG_IGN);
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    /* Every mode ends by itself: the watchdog stops a wedged run. */
+    if (strcmp(mode, "sink") != 0) alarm((unsigned)(g_cfg.timeout + hold * 8 + 30));
+
+    if (!strcmp(mode, "sink")) return run_sink(port, lifetime);
+    if (!to) usage();
+    parse_hostport(to, &g_cfg.to);
+    if (g_cfg.connect_name) {
+        int n = snprintf(g_cfg.req, sizeof g_cfg.req, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n",
+                         g_cfg.connect_name, g_cfg.connect_name);
+        if (n <= 0 || (size_t)n >= sizeof g_cfg.req) die("--connect name too long");
+        g_cfg.req_len = (size_t)n;
+    }
+    if (!strcmp(mode, "bulk")) {
+        if (tunnels < 1 || tunnels > 1024 || bytes == 0) usage();
+        return run_bulk(!strcmp(dir, "up"), tunnels, bytes);
+    }
+    if (!strcmp(mode, "setup")) {
+        if (conc < 1 || conc > 4096 || duration <= 0) usage();
+        return run_setup(conc, duration, max);
+    }
+    if (!strcmp(mode, "idle")) {
+        long steps[16];
+        int ns = 0;
+        char *copy = strdup(steps_s), *save = NULL;
+        for (char *p = strtok_r(copy, ",", &save); p && ns < 16; p = strtok_r(NULL, ",", &save)) {
+            steps[ns] = atol(p);
+            if (steps[ns] <= 0 || (ns && steps[ns] < steps[ns - 1])) usage();
+            ns++;
+        }
+        free(copy);
+        if (!ns) usage();
+        return run_idle(steps, ns, hold);
+    }
+    usage();
+    return 2;
+}
