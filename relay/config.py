@@ -25,9 +25,11 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from relay import policy
+from relay.policy import Policy
 
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
@@ -42,6 +44,10 @@ DEFAULT_HEAD_TIMEOUT = 10 * SECONDS
 DEFAULT_DRAIN_TIMEOUT = 25 * SECONDS
 DEFAULT_RECONNECT_WINDOW = 15 * MINUTES
 DEFAULT_CACHE_TTL = 30 * SECONDS
+# Slowloris guard: 2,000 idle half-sent heads must not starve real clients, and
+# each pending head costs one fd and at most 16 KiB.
+DEFAULT_MAX_PENDING_HEADS = 4096
+MAX_WORKERS = 64
 
 
 class ConfigError(Exception):
@@ -145,8 +151,49 @@ class _Strict(BaseModel):
 # --- file schema -------------------------------------------------------------
 
 
+def _check_cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a CIDR range (e.g. 10.0.0.0/8 or 2001:db8::/32)"
+        ) from None
+
+
+def _check_user(text: str) -> str:
+    if not text or ":" in text or not text.isprintable():
+        raise ValueError(f"{text!r}: a user name is non-empty, printable and has no ':'")
+    return text
+
+
+CIDR = Annotated[str, AfterValidator(_check_cidr)]
+UserName = Annotated[str, AfterValidator(_check_user)]
+
+
+class TLSModel(_Strict):
+    cert: str
+    key: str
+    client_ca: str | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
 class ListenModel(_Strict):
     address: Address
+    name: str | None = None
+    mode: Literal["connect", "sni"] = "connect"
+    tls: TLSModel | None = None
+    proxy_protocol: bool = False
+    trusted_proxies: list[CIDR] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ListenModel:
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError(
+                "proxy_protocol: true needs trusted_proxies (the load balancers' CIDRs)"
+            )
+        if self.mode == "sni" and self.tls is not None:
+            raise ValueError("an sni listener relays the client's own TLS; it takes no tls:")
+        return self
 
 
 class AdminModel(_Strict):
@@ -159,12 +206,64 @@ class KonnectModel(_Strict):
     portals: list[Label] = Field(default_factory=list)
     mesh_geos: list[MeshGeo] = Field(default_factory=lambda: list(MESH_GEOS))
     ports: list[Port] = Field(default_factory=lambda: [443], min_length=1)
+    require_tls: bool = True
+    check_sni: bool = True
+
+
+class UserModel(_Strict):
+    name: UserName
+    password_hash: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> UserModel:
+        given = [k for k in ("password_hash", "password_env", "password_file") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of password_hash, password_env, password_file")
+        return self
+
+
+class BasicAuthModel(_Strict):
+    users: list[UserModel] = Field(min_length=1)
+
+
+class AuthModel(_Strict):
+    basic: BasicAuthModel | None = None
+
+
+class ClientMatchModel(_Strict):
+    users: list[UserName] = Field(default_factory=list)
+    certs: list[str] = Field(default_factory=list)
+    cidrs: list[CIDR] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _something(self) -> ClientMatchModel:
+        if not (self.users or self.certs or self.cidrs):
+            raise ValueError("match needs at least one of users, certs, cidrs")
+        return self
+
+
+class ClientKonnectModel(_Strict):
+    regions: list[Region] | None = None
+    control_planes: list[Label] | None = None
+    portals: list[Label] | None = None
+
+
+class ClientModel(_Strict):
+    name: str = Field(min_length=1)
+    match: ClientMatchModel
+    konnect: ClientKonnectModel = Field(default_factory=ClientKonnectModel)
+    allow: list[Pattern] = Field(default_factory=list)
 
 
 class ResolverModel(_Strict):
     static: dict[str, str] = Field(default_factory=dict)
     allow_private: bool = False
     cache_ttl: Seconds = DEFAULT_CACHE_TTL
+    allowed_cidrs: list[CIDR] = Field(default_factory=list)
+    nameservers: list[str] = Field(default_factory=list)
+    timeout: PositiveSeconds = DEFAULT_CONNECT_TIMEOUT
 
     @field_validator("static")
     @classmethod
@@ -181,8 +280,58 @@ class ResolverModel(_Strict):
         return value
 
 
+EgressName = Literal["direct", "http_proxy", "ssh"]
+
+
+def _check_route_pattern(text: str) -> str:
+    return "*" if text == "*" else _check_pattern(text)
+
+
+class HttpProxyModel(_Strict):
+    url: str
+    ca_file: str | None = None
+    verify: bool = True
+    connect_timeout: PositiveSeconds = DEFAULT_CONNECT_TIMEOUT
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parse_proxy_url(value)
+        return value
+
+
+class SSHModel(_Strict):
+    host: str = Field(min_length=1)
+    port: Port = 22
+    username: str = Field(min_length=1)
+    client_keys: list[str] = Field(default_factory=list)
+    known_hosts: str = Field(min_length=1)
+    keepalive_interval: PositiveSeconds = 15.0
+    max_channels: int = Field(default=1000, ge=1)
+    resolve: Literal["remote", "local"] = "remote"
+    connect_timeout: PositiveSeconds = 10.0
+
+
+class RouteModel(_Strict):
+    match: list[Annotated[str, AfterValidator(_check_route_pattern)]] = Field(min_length=1)
+    via: Literal["direct", "http_proxy", "ssh", "deny"]
+
+
 class EgressModel(_Strict):
-    mode: Literal["direct"] = "direct"
+    mode: EgressName = "direct"
+    http_proxy: HttpProxyModel | None = None
+    ssh: SSHModel | None = None
+    routes: list[RouteModel] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _sections(self) -> EgressModel:
+        used = {self.mode} | {r.via for r in self.routes}
+        missing = [m for m in ("http_proxy", "ssh") if m in used and getattr(self, m) is None]
+        if missing:
+            raise ValueError(
+                " and ".join(f"egress.{m} is required when {m} is used" for m in missing)
+            )
+        return self
 
 
 class LimitsModel(_Strict):
@@ -191,6 +340,14 @@ class LimitsModel(_Strict):
     connect_timeout: PositiveSeconds = DEFAULT_CONNECT_TIMEOUT
     drain_timeout: Seconds = DEFAULT_DRAIN_TIMEOUT
     reconnect_window: PositiveSeconds = DEFAULT_RECONNECT_WINDOW
+    tls_peek_timeout: PositiveSeconds = DEFAULT_HEAD_TIMEOUT
+    max_tunnels: int | None = Field(default=None, ge=1)
+    max_tunnels_per_client: int | None = Field(default=None, ge=1)
+    max_pending_heads: int = Field(default=DEFAULT_MAX_PENDING_HEADS, ge=1)
+
+
+class ReloadModel(_Strict):
+    close_revoked: bool = True
 
 
 class FileConfig(_Strict):
@@ -204,6 +361,19 @@ class FileConfig(_Strict):
     resolver: ResolverModel = Field(default_factory=ResolverModel)
     egress: EgressModel = Field(default_factory=EgressModel)
     limits: LimitsModel = Field(default_factory=LimitsModel)
+    policy_mode: Literal["enforce", "report"] = "enforce"
+    auth: AuthModel = Field(default_factory=AuthModel)
+    clients: list[ClientModel] = Field(default_factory=list)
+    clients_only: bool = False
+    workers: int | Literal["auto"] = 1
+    reload: ReloadModel = Field(default_factory=ReloadModel)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"must be 1..{MAX_WORKERS} or auto")
+        return value
 
 
 # --- runtime settings --------------------------------------------------------
@@ -237,12 +407,62 @@ def parse_static_side(text: str) -> tuple[str, int | None]:
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    head_timeout: float = DEFAULT_HEAD_TIMEOUT
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
-    reconnect_window: float = DEFAULT_RECONNECT_WINDOW
+class ProxyURL:
+    scheme: str
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+
+
+def parse_proxy_url(text: str) -> ProxyURL:
+    """``http(s)://[user:pass@]host:port`` (userinfo percent-decoded, like Kong)."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad proxy URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("proxy URL scheme must be http or https")
+    if not parts.hostname:
+        raise ValueError("proxy URL needs a host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("proxy URL takes no path, query or fragment")
+    if port is None:
+        raise ValueError("write the proxy port explicitly (http://host:3128)")
+    return ProxyURL(
+        parts.scheme,
+        parts.hostname,
+        port,
+        unquote(parts.username) if parts.username is not None else None,
+        unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientPolicy:
+    """A ``clients:`` entry: who it matches and the policy they get."""
+
+    name: str
+    users: frozenset[str]
+    certs: frozenset[str]
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    policy: policy.Policy
+
+    def matches(self, user: str | None, cert: str | None, ip: str) -> bool:
+        if user is not None and user in self.users:
+            return True
+        if cert is not None and cert in self.certs:
+            return True
+        if self.networks:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                return False
+            return any(addr in net for net in self.networks)
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,14 +471,25 @@ class Settings:
 
     listen: tuple[tuple[str, int], ...]
     admin: tuple[str, int] | None
-    policy: policy.Policy
+    policy: Policy
+    clients: tuple[ClientPolicy, ...]
     static: Mapping[tuple[str, int | None], tuple[str, int | None]]
     allow_private: bool
     cache_ttl: float
     egress: str
-    limits: Limits
+    limits: LimitsModel
     source: str = "<embedded default>"
     raw: FileConfig = field(default_factory=FileConfig, repr=False)
+
+    def policy_for(self, user: str | None, cert: str | None, ip: str) -> tuple[str, Policy | None]:
+        """(client entry name, its policy); the top-level policy when no entry
+        matches, or None when ``clients_only`` refuses unmatched clients."""
+        for entry in self.clients:
+            if entry.matches(user, cert, ip):
+                return entry.name, entry.policy
+        if self.raw.clients_only:
+            return "", None
+        return "", self.policy
 
 
 def _format_errors(exc: ValidationError) -> list[str]:
@@ -304,23 +535,35 @@ def build(data: Any, source: str = "<config>") -> Settings:
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc), source) from None
     k = raw.konnect
-    scope = policy.KonnectScope(
-        regions=tuple(k.regions),
-        control_planes=tuple(k.control_planes),
-        portals=tuple(k.portals),
-        mesh_geos=tuple(k.mesh_geos),
-        ports=tuple(k.ports),
+    deny = [policy.parse_pattern(p) for p in raw.deny]
+
+    def compile_policy(pins: ClientKonnectModel, allow: list[str]) -> policy.Policy:
+        scope = policy.KonnectScope(
+            regions=tuple(pins.regions if pins.regions is not None else k.regions),
+            control_planes=tuple(
+                pins.control_planes if pins.control_planes is not None else k.control_planes
+            ),
+            portals=tuple(pins.portals if pins.portals is not None else k.portals),
+            mesh_geos=tuple(k.mesh_geos),
+            ports=tuple(k.ports),
+        )
+        return policy.Policy(scope, [policy.parse_pattern(p) for p in allow], deny)
+
+    clients = tuple(
+        ClientPolicy(
+            name=c.name,
+            users=frozenset(c.match.users),
+            certs=frozenset(c.match.certs),
+            networks=tuple(ipaddress.ip_network(n) for n in c.match.cidrs),
+            policy=compile_policy(c.konnect, c.allow),
+        )
+        for c in raw.clients
     )
-    compiled = policy.Policy(
-        scope,
-        allow=[policy.parse_pattern(p) for p in raw.allow],
-        deny=[policy.parse_pattern(p) for p in raw.deny],
-    )
-    lim = raw.limits
     return Settings(
         listen=tuple(parse_address(item.address) for item in raw.listen),
         admin=parse_address(raw.admin.address) if raw.admin.address else None,
-        policy=compiled,
+        policy=compile_policy(ClientKonnectModel(), raw.allow),
+        clients=clients,
         static={
             parse_static_side(key): parse_static_side(value)
             for key, value in raw.resolver.static.items()
@@ -328,13 +571,7 @@ def build(data: Any, source: str = "<config>") -> Settings:
         allow_private=raw.resolver.allow_private,
         cache_ttl=raw.resolver.cache_ttl,
         egress=raw.egress.mode,
-        limits=Limits(
-            idle_timeout=lim.idle_timeout,
-            head_timeout=lim.head_timeout,
-            connect_timeout=lim.connect_timeout,
-            drain_timeout=lim.drain_timeout,
-            reconnect_window=lim.reconnect_window,
-        ),
+        limits=raw.limits,
         source=source,
         raw=raw,
     )
