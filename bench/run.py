@@ -393,8 +393,10 @@ def wait_ready(target: Target) -> None:
         argv = loadgen_argv("setup", *target.client_args(), *one)
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         try:
-            if parse_last_json(done.stdout, target.name).get("tunnels") == 1:
+            probe = parse_last_json(done.stdout, target.name)
+            if probe.get("tunnels") == 1:
                 break
+            last = f"probe tunnel failed: {probe}"
         except BenchError as exc:
             last = str(exc)
         time.sleep(0.05)
