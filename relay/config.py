@@ -11,6 +11,7 @@ file schema (``FileConfig``) is kept apart from the runtime model
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -29,6 +30,7 @@ from pydantic import (
 )
 
 from relay import policy
+from relay.auth import BasicAuth, Credential
 from relay.policy import Policy
 
 SECONDS = 1.0
@@ -221,7 +223,24 @@ class UserModel(_Strict):
         given = [k for k in ("password_hash", "password_env", "password_file") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError("give exactly one of password_hash, password_env, password_file")
+        self.credential()  # a bad hash, unset variable or unreadable file is a config error
         return self
+
+    def credential(self) -> Credential:
+        """The secret, read now from the environment or the file (re-read on reload)."""
+        if self.password_hash is not None:
+            return Credential(password_hash=self.password_hash)
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ValueError(f"environment variable {self.password_env} is not set")
+            return Credential(password=value)
+        assert self.password_file is not None
+        try:
+            text = Path(self.password_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read password_file: {exc}") from None
+        return Credential(password=text.rstrip("\r\n"))
 
 
 class BasicAuthModel(_Strict):
@@ -473,6 +492,7 @@ class Settings:
     admin: tuple[str, int] | None
     policy: Policy
     clients: tuple[ClientPolicy, ...]
+    auth: BasicAuth | None
     static: Mapping[tuple[str, int | None], tuple[str, int | None]]
     allow_private: bool
     cache_ttl: float
@@ -564,6 +584,9 @@ def build(data: Any, source: str = "<config>") -> Settings:
         admin=parse_address(raw.admin.address) if raw.admin.address else None,
         policy=compile_policy(ClientKonnectModel(), raw.allow),
         clients=clients,
+        auth=BasicAuth({u.name: u.credential() for u in raw.auth.basic.users})
+        if raw.auth.basic is not None
+        else None,
         static={
             parse_static_side(key): parse_static_side(value)
             for key, value in raw.resolver.static.items()

@@ -61,6 +61,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.would_deny = Counter(
+            "konnect_relay_requests_would_deny_total",
+            "Requests the policy would deny, let through in policy_mode: report",
+            ["reason"],
+            registry=r,
+        )
         self.connect_failures = Counter(
             "konnect_relay_upstream_connect_failures_total",
             "Dials that failed, by cause",

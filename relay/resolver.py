@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -105,7 +105,7 @@ def static_target(
 class Resolver:
     """Resolves allowed names; applies the static map and the address checks."""
 
-    __slots__ = ("_cache", "allow_private", "cache_ttl", "static")
+    __slots__ = ("_cache", "allow_private", "allowed_networks", "cache_ttl", "static")
 
     def __init__(
         self,
@@ -113,10 +113,12 @@ class Resolver:
         *,
         allow_private: bool,
         cache_ttl: float,
+        allowed_cidrs: Iterable[str] = (),
     ) -> None:
         self.static = static
         self.allow_private = allow_private
         self.cache_ttl = cache_ttl
+        self.allowed_networks = tuple(ipaddress.ip_network(c) for c in allowed_cidrs)
         self._cache: dict[str, tuple[float, tuple[tuple[int, str], ...]]] = {}
 
     async def resolve(self, host: str, port: int) -> list[Endpoint]:
@@ -125,14 +127,23 @@ class Resolver:
         if target is not None:
             host, port = target
         addrs = await self._lookup(host)
-        endpoints, refused = [], []
+        endpoints, refused, unpinned = [], [], []
         for family, address in addrs:
-            kind = None if self.allow_private else special_purpose(ipaddress.ip_address(address))
-            if kind is None:
-                endpoints.append(Endpoint(family, address, port))
-            else:
+            ip = ipaddress.ip_address(address)
+            kind = None if self.allow_private else special_purpose(ip)
+            if kind is not None:
                 refused.append(f"{address} ({kind})")
+            elif self.allowed_networks and not any(ip in n for n in self.allowed_networks):
+                unpinned.append(address)
+            else:
+                endpoints.append(Endpoint(family, address, port))
         if not endpoints:
+            if unpinned:
+                raise ResolveError(
+                    "address_not_pinned",
+                    f"{host} resolves to {', '.join(unpinned)}, outside resolver.allowed_cidrs",
+                    status=403,
+                )
             raise ResolveError(
                 "private_address",
                 f"{host} resolves only to non-public addresses: {', '.join(refused)}",

@@ -11,20 +11,24 @@ here and leaves it when it ends.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import resource
 import socket
+import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
-from relay import connect
-from relay.config import Settings
+from relay import connect, proxyproto
+from relay.auth import CHALLENGE, AuthError
+from relay.config import ListenModel, Settings, TLSModel
 from relay.egress import Dialer, DialError
 from relay.egress.direct import DirectDialer
 from relay.log import EventLog
 from relay.metrics import Metrics
 from relay.policy import Decision, Reason
 from relay.resolver import Resolver
-from relay.tunnel import Pending, Tunnel
+from relay.tunnel import PeekHello, Pending, Tunnel
 
 # A tunnel whose transports were asked to close gracefully but still hold
 # unsent bytes for a peer that stopped reading is aborted after this long.
@@ -33,89 +37,204 @@ CLOSE_LINGER = 10.0
 # accurate to one period).
 MAX_SWEEP_INTERVAL = 5.0
 LISTEN_BACKLOG = 1024
+# File descriptors kept free for the admin listener, logs, DNS and the listeners
+# themselves: beyond this the relay answers 503 instead of letting accept fail.
+FD_RESERVE = 64
+# In report mode a tunnel the policy would deny carries this host label, so
+# Prometheus label values stay bounded by the allowlist.
+REPORT_HOST_LABEL = "(would-deny)"
 
 
 def format_target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class Listener:
+    """One ``listen:`` entry: its socket options, TLS and PROXY-protocol settings."""
+
+    __slots__ = ("name", "proxy_protocol", "spec", "ssl", "trusted")
+
+    def __init__(self, spec: ListenModel) -> None:
+        self.spec = spec
+        self.name = spec.name or spec.address
+        self.proxy_protocol = spec.proxy_protocol
+        self.trusted = tuple(ipaddress.ip_network(c) for c in spec.trusted_proxies)
+        self.ssl = tls_server_context(spec.tls) if spec.tls is not None else None
+
+    def trusts(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted)
+
+
+def tls_server_context(tls: TLSModel) -> ssl.SSLContext:
+    """The listener's TLS: our certificate, and with client_ca a required client one."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.load_cert_chain(tls.cert, tls.key)
+    if tls.client_ca:
+        ctx.load_verify_locations(tls.client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def cert_name(peercert: Any) -> str | None:
+    """The client certificate's subject commonName (else its first DNS SAN)."""
+    if not peercert:
+        return None
+    for rdn in peercert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    for kind, value in peercert.get("subjectAltName", ()):
+        if kind == "DNS":
+            return str(value)
+    return None
+
+
 class ClientConnection(asyncio.Protocol):
     """A client connection until its tunnel is established (or it is refused)."""
 
-    __slots__ = ("buf", "client", "decision", "peer", "relay", "task", "timer", "transport")
+    __slots__ = (
+        "buf",
+        "cert",
+        "client_ip",
+        "identity",
+        "listener",
+        "need_proxy_header",
+        "peer",
+        "relay",
+        "task",
+        "timer",
+        "transport",
+        "user",
+    )
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, listener: Listener) -> None:
         self.relay = relay
+        self.listener = listener
         self.transport: asyncio.Transport | None = None
-        self.buf = b""
-        self.client = ""
+        self.buf: bytes | bytearray = b""
+        self.client_ip = ""
         self.peer = ""
+        self.cert: str | None = None
+        self.user: str | None = None
+        self.identity = ""
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
-        self.decision: Decision | None = None
+        self.need_proxy_header = listener.proxy_protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.client = str(peer[0]) if peer else "unknown"
-        self.peer = format_target(str(peer[0]), int(peer[1])) if peer else "unknown"
+        self.client_ip = str(peer[0]) if peer else "unknown"
+        self.peer = format_target(self.client_ip, int(peer[1])) if peer else "unknown"
         relay = self.relay
+        if self.listener.ssl is not None:
+            self.cert = cert_name(transport.get_extra_info("peercert"))
+        if self.need_proxy_header and not self.listener.trusts(self.client_ip):
+            relay.metrics.requests_denied.labels("untrusted_proxy").inc()
+            relay.log(
+                "request",
+                client=self.peer,
+                listener=self.listener.name,
+                allowed=False,
+                status=0,
+                reason="untrusted_proxy",
+                detail="PROXY protocol listener: source is not in trusted_proxies",
+            )
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        limits = relay.settings.limits
+        if len(relay.pending) >= limits.max_pending_heads:
+            self.refuse(503, "too_many_pending", "too many connections without a request head")
+            return
+        if relay.fd_exhausted():
+            self.refuse(503, "fd_limit", "relay is at its open-file limit; retry shortly")
+            return
         relay.pending.add(self)
-        self.timer = relay.loop.call_later(relay.settings.limits.head_timeout, self.head_timeout)
+        relay.metrics.pending_heads.inc()
+        self.timer = relay.loop.call_later(limits.head_timeout, self.head_timeout)
 
     def data_received(self, data: bytes) -> None:
-        self.buf = self.buf + data if self.buf else data
+        buf: bytes | bytearray
+        if not self.buf:
+            buf = self.buf = data
+        else:  # a head in pieces: grow one buffer instead of copying it per read
+            if type(self.buf) is bytes:
+                self.buf = bytearray(self.buf)
+            self.buf += data
+            buf = self.buf
         if self.task is not None:
             return  # bytes after the head while dialling: kept for the tunnel
+        if self.need_proxy_header:
+            try:
+                header = proxyproto.parse(buf)
+            except proxyproto.ProxyProtocolError as exc:
+                self.refuse(400, "bad_proxy_protocol", f"PROXY protocol: {exc.detail}")
+                return
+            if header is None:
+                return
+            self.need_proxy_header = False
+            if not header.local and header.source is not None:
+                self.client_ip = header.source[0]
+                self.peer = format_target(header.source[0], header.source[1])
+            buf = self.buf = buf[header.length :]
+            if not buf:
+                return
         try:
-            request = connect.parse_head(self.buf)
+            request = connect.parse_head(buf)
         except connect.HeadError as exc:
-            self.refuse(exc.status, exc.reason, exc.detail, exc.headers, target="")
+            self.refuse(exc.status, exc.reason, exc.detail, exc.headers)
             return
         if request is None:
             return
         self.end_head_phase()
         self.transport.pause_reading()  # type: ignore[union-attr]
+        self.buf = buf[request.head_length :]
         self.relay.on_request(self, request)
 
     def end_head_phase(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.relay.pending.discard(self)
+        if self in self.relay.pending:
+            self.relay.pending.discard(self)
+            self.relay.metrics.pending_heads.dec()
 
     def head_timeout(self) -> None:
         self.timer = None
         limit = self.relay.settings.limits.head_timeout
-        self.refuse(408, "head_timeout", f"request head not received within {limit:g} s", (), "")
+        self.refuse(408, "head_timeout", f"request head not received within {limit:g} s")
 
     def refuse(
         self,
         status: int,
         reason: str,
         detail: str,
-        headers: tuple[tuple[str, str], ...] | list[tuple[str, str]],
-        target: str,
-        *,
-        rule: str = "",
-        dial_ms: float | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        target: str = "",
+        **extra: Any,
     ) -> None:
         """Answer with an error status and close; log and count the refusal."""
         self.end_head_phase()
         relay = self.relay
         relay.metrics.requests_denied.labels(reason).inc()
-        fields: dict[str, Any] = {
-            "client": self.peer,
-            "target": target,
-            "allowed": False,
-            "status": status,
-            "reason": reason,
-            "rule": rule,
-            "detail": detail,
-        }
-        if dial_ms is not None:
-            fields["dial_ms"] = dial_ms
-        relay.log("request", **fields)
+        relay.log(
+            "request",
+            client=self.peer,
+            identity=self.identity or None,
+            target=target,
+            allowed=False,
+            status=status,
+            reason=reason,
+            detail=detail,
+            **extra,
+        )
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(connect.response(status, detail, headers))
@@ -144,8 +263,14 @@ class Relay:
         self.log = log if log is not None else EventLog()
         self.metrics = Metrics()
         self.resolver = Resolver(
-            settings.static, allow_private=settings.allow_private, cache_ttl=settings.cache_ttl
+            settings.static,
+            allow_private=settings.allow_private,
+            cache_ttl=settings.cache_ttl,
+            allowed_cidrs=settings.raw.resolver.allowed_cidrs,
         )
+        self.auth = settings.auth
+        self.per_client: dict[str, int] = {}
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.dialer: Dialer = DirectDialer(self.resolver)
         self.tunnels: dict[int, Tunnel] = {}
         self.pending: set[ClientConnection] = set()
@@ -163,13 +288,16 @@ class Relay:
     # --- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        for host, port in self.settings.listen:
+        for spec, (host, port) in zip(self.settings.raw.listen, self.settings.listen, strict=True):
+            listener = Listener(spec)
             server = await self.loop.create_server(
-                lambda: ClientConnection(self),
+                lambda listener=listener: ClientConnection(self, listener),
                 host,
                 port,
                 backlog=LISTEN_BACKLOG,
                 reuse_address=True,
+                ssl=listener.ssl,
+                ssl_handshake_timeout=self.settings.limits.head_timeout if listener.ssl else None,
             )
             for sock in server.sockets:
                 # Accepted sockets inherit these on Linux: no per-connection syscalls.
@@ -242,99 +370,232 @@ class Relay:
 
     # --- requests ------------------------------------------------------------
 
+    def fd_exhausted(self) -> bool:
+        """True when accepting one more client could run the process out of
+        file descriptors (each tunnel holds two, each pending head one)."""
+        used = len(self.pending) + 2 * (len(self.tasks) + len(self.tunnels))
+        return used + FD_RESERVE >= self.fd_limit
+
     def on_request(self, conn: ClientConnection, request: connect.ConnectRequest) -> None:
+        auth = self.auth
+        if auth is None:
+            self.admit(conn, request)
+            return
+        header = request.proxy_authorization
         target = format_target(request.host, request.port)
-        decision = self.settings.policy.decide(request.host, request.port)
-        if not decision.allowed:
-            status = 400 if decision.reason is Reason.INVALID_HOST else 403
+        try:
+            user = auth.cached(header, time.monotonic())
+            if user is None:
+                auth.parse(header)  # syntax errors answered at once, without a thread
+        except AuthError as exc:
+            conn.refuse(407, exc.reason, exc.detail, CHALLENGE, target)
+            return
+        if user is not None:
+            conn.user = user
+            self.admit(conn, request)
+            return
+        conn.task = self.spawn(self.authenticate(conn, request, header))
+
+    async def authenticate(
+        self, conn: ClientConnection, request: connect.ConnectRequest, header: bytes | None
+    ) -> None:
+        """Verify a password hash off the event loop (argon2 is slow by design)."""
+        assert self.auth is not None
+        try:
+            conn.user = await self.loop.run_in_executor(
+                None, self.auth.verify, header, time.monotonic()
+            )
+        except AuthError as exc:
+            target = format_target(request.host, request.port)
+            conn.refuse(407, exc.reason, exc.detail, CHALLENGE, target)
+            return
+        conn.task = None
+        if conn.transport is not None:
+            self.admit(conn, request)
+
+    def admit(self, conn: ClientConnection, request: connect.ConnectRequest) -> None:
+        """Policy for this client, report mode, limits; then dial."""
+        settings = self.settings
+        target = format_target(request.host, request.port)
+        entry, pol = settings.policy_for(conn.user, conn.cert, conn.client_ip)
+        identity = conn.identity = conn.user or conn.cert or conn.client_ip
+        if pol is None:
             conn.refuse(
-                status, decision.reason.value, decision.detail, (), target, rule=decision.rule
+                403, "client_not_listed", f"client {identity} matches no clients: entry", (), target
             )
             return
+        decision = pol.decide(request.host, request.port)
+        would_deny = False
+        if not decision.allowed:
+            invalid = decision.reason is Reason.INVALID_HOST
+            if invalid or settings.raw.policy_mode == "enforce":
+                conn.refuse(
+                    400 if invalid else 403,
+                    decision.reason.value,
+                    decision.detail,
+                    (),
+                    target,
+                    rule=decision.rule,
+                    client_entry=entry or None,
+                )
+                return
+            would_deny = True
+            self.metrics.would_deny.labels(decision.reason.value).inc()
         if self.draining:
             conn.refuse(503, "draining", "relay is shutting down", (), target)
             return
-        conn.decision = decision
-        early = conn.buf[request.head_length :]
-        conn.buf = early
-        conn.task = self.spawn(self.open_tunnel(conn, decision))
-
-    async def open_tunnel(self, conn: ClientConnection, decision: Decision) -> None:
-        host, port = decision.host, decision.port
-        target = format_target(host, port)
-        dialer = self.dialer
-        pending = Pending()
-        started = self.loop.time()
-        try:
-            async with asyncio.timeout(self.settings.limits.connect_timeout):
-                dialled = await dialer.dial(host, port, pending)
-        except TimeoutError:
-            self._dial_failed(
-                conn,
-                decision,
+        limits = settings.limits
+        if (
+            limits.max_tunnels is not None
+            and len(self.tasks) + len(self.tunnels) >= limits.max_tunnels
+        ):
+            conn.refuse(
+                503,
+                "too_many_tunnels",
+                f"relay is at limits.max_tunnels ({limits.max_tunnels})",
+                (),
                 target,
-                started,
-                504,
-                "timeout",
-                f"connect to {target} timed out after {self.settings.limits.connect_timeout:g} s",
             )
             return
-        except DialError as exc:
-            self._dial_failed(conn, decision, target, started, exc.status, exc.reason, exc.detail)
+        per_client = self.per_client.get(identity, 0)
+        if (
+            limits.max_tunnels_per_client is not None
+            and per_client >= limits.max_tunnels_per_client
+        ):
+            conn.refuse(
+                429,
+                "too_many_tunnels_per_client",
+                f"client {identity} is at limits.max_tunnels_per_client "
+                f"({limits.max_tunnels_per_client})",
+                (),
+                target,
+            )
             return
-        except asyncio.CancelledError:
-            if pending.transport is not None:
-                pending.transport.abort()
+        self.per_client[identity] = per_client + 1
+        host = decision.host or request.host.strip("[]")
+        konnect = pol.konnect_rule(host) is not None
+        conn.task = self.spawn(
+            self.open_tunnel(conn, decision, host, request.port, konnect, would_deny, entry)
+        )
+
+    def release(self, identity: str) -> None:
+        left = self.per_client.get(identity, 0) - 1
+        if left > 0:
+            self.per_client[identity] = left
+        else:
+            self.per_client.pop(identity, None)
+
+    async def open_tunnel(
+        self,
+        conn: ClientConnection,
+        decision: Decision,
+        host: str,
+        port: int,
+        konnect: bool,
+        would_deny: bool,
+        entry: str,
+    ) -> None:
+        target = format_target(host, port)
+        dialer = self.dialer
+        identity = conn.identity
+        pending = Pending()
+        started = self.loop.time()
+        extra: dict[str, Any] = {"rule": decision.rule}
+        if entry:
+            extra["client_entry"] = entry
+        if would_deny:
+            extra["would_deny"] = True
+            extra["would_deny_detail"] = decision.detail
+        opened = False
+        try:
+            try:
+                async with asyncio.timeout(self.settings.limits.connect_timeout):
+                    dialled = await dialer.dial(host, port, pending)
+            except TimeoutError:
+                timeout = self.settings.limits.connect_timeout
+                self._dial_failed(
+                    conn,
+                    target,
+                    started,
+                    504,
+                    "timeout",
+                    f"connect to {target} timed out after {timeout:g} s",
+                    extra,
+                )
+                return
+            except DialError as exc:
+                self._dial_failed(conn, target, started, exc.status, exc.reason, exc.detail, extra)
+                return
+            except asyncio.CancelledError:
+                if pending.transport is not None:
+                    pending.transport.abort()
+                self.log(
+                    "request",
+                    client=conn.peer,
+                    identity=identity,
+                    target=target,
+                    allowed=True,
+                    status=0,
+                    reason="client_gone",
+                    dial_ms=round((self.loop.time() - started) * 1000, 3),
+                    **extra,
+                )
+                raise
+            elapsed = self.loop.time() - started
+            self.metrics.connect_seconds.labels(dialer.name).observe(elapsed)
+            client = conn.transport
+            if client is None or client.is_closing():
+                dialled.transport.abort()
+                return
+            client.write(connect.ESTABLISHED)
+            early, conn.buf = bytes(conn.buf), b""
+            label = REPORT_HOST_LABEL if would_deny else host
+            tunnel = Tunnel(
+                identity, label, port, dialer.name, self.tunnel_closed, conn.listener.name
+            )
+            self.tunnel_opened(tunnel)
+            opened = True
+            peek = None
+            konnect_cfg = self.settings.raw.konnect
+            if konnect and konnect_cfg.require_tls:
+                peek = PeekHello(
+                    tunnel,
+                    host if konnect_cfg.check_sni else None,
+                    self.settings.limits.tls_peek_timeout,
+                )
+            tunnel.start(client, dialled.transport, early, pending, dialled.leftover, peek)
             self.log(
                 "request",
                 client=conn.peer,
+                identity=identity,
                 target=target,
                 allowed=True,
-                status=0,
-                reason="client_gone",
-                rule=decision.rule,
-                dial_ms=round((self.loop.time() - started) * 1000, 3),
+                status=200,
+                reason=decision.reason.value,
+                egress=dialer.name,
+                upstream=dialled.peer,
+                dial_ms=round(elapsed * 1000, 3),
+                tunnel=tunnel.id,
+                **extra,
             )
-            raise
-        elapsed = self.loop.time() - started
-        self.metrics.connect_seconds.labels(dialer.name).observe(elapsed)
-        client = conn.transport
-        if client is None or client.is_closing():
-            dialled.transport.abort()
-            return
-        client.write(connect.ESTABLISHED)
-        early, conn.buf = conn.buf, b""
-        tunnel = Tunnel(conn.client, host, port, dialer.name, self.tunnel_closed)
-        self.tunnel_opened(tunnel)
-        tunnel.start(client, dialled.transport, early, pending, dialled.leftover)
-        self.log(
-            "request",
-            client=conn.peer,
-            target=target,
-            allowed=True,
-            status=200,
-            reason=decision.reason.value,
-            rule=decision.rule,
-            egress=dialer.name,
-            upstream=dialled.peer,
-            dial_ms=round(elapsed * 1000, 3),
-            tunnel=tunnel.id,
-        )
+        finally:
+            if not opened:
+                self.release(identity)
 
     def _dial_failed(
         self,
         conn: ClientConnection,
-        decision: Decision,
         target: str,
         started: float,
         status: int,
         reason: str,
         detail: str,
+        extra: dict[str, Any],
     ) -> None:
         dial_ms = round((self.loop.time() - started) * 1000, 3)
         if status != 403:
             self.metrics.connect_failures.labels(self.dialer.name, reason).inc()
-        conn.refuse(status, reason, detail, (), target, rule=decision.rule, dial_ms=dial_ms)
+        conn.refuse(status, reason, detail, (), target, dial_ms=dial_ms, **extra)
 
     # --- tunnels -------------------------------------------------------------
 
@@ -359,6 +620,7 @@ class Relay:
         duration = now - tunnel.opened_mono
         m.tunnel_duration.labels(host).observe(duration)
         self.last_closed[(tunnel.client, host)] = now
+        self.release(tunnel.client)
         self.log(
             "tunnel_closed",
             tunnel=tunnel.id,

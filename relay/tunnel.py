@@ -25,6 +25,8 @@ import itertools
 import time
 from collections.abc import Callable
 
+from relay import tlspeek
+
 # Per-direction write-buffer watermarks. 256 KiB keeps a 10 Gb/s loopback pipe
 # full while bounding a tunnel to ~0.5 MiB of user-space buffering even when a
 # peer stops reading entirely.
@@ -103,6 +105,66 @@ class Pending(asyncio.Protocol):
         self.exc = exc
 
 
+class PeekHello(asyncio.Protocol):
+    """The client's protocol until its TLS ClientHello has been read and checked.
+
+    The bytes are only parsed, never altered: once the hello passes they are
+    forwarded as they came and the transport is handed to the tunnel's client
+    side. Used for tunnels to Konnect hosts (TLS only, SNI must equal the
+    CONNECT host). The parser bounds the buffer (tlspeek.MAX_CLIENT_HELLO).
+    """
+
+    __slots__ = ("buf", "expect", "timer", "tunnel")
+
+    def __init__(self, tunnel: Tunnel, expect: str | None, timeout: float) -> None:
+        self.tunnel = tunnel
+        self.expect = expect
+        self.buf = b""
+        loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = loop.call_later(timeout, self.fail, "tls_timeout")
+
+    def data_received(self, data: bytes) -> None:
+        self.buf = self.buf + data if self.buf else data
+        try:
+            hello = tlspeek.parse_client_hello(self.buf)
+        except tlspeek.PeekError:
+            self.fail("not_tls")
+            return
+        if hello is None:
+            return
+        name = hello.server_name
+        if self.expect is not None and name is not None and name != self.expect:
+            self.fail("sni_mismatch", tlspeek.ALERT_ACCESS_DENIED)
+            return
+        self.cancel_timer()
+        tunnel = self.tunnel
+        cs = tunnel.client_side
+        cs.transport.set_protocol(cs)  # type: ignore[union-attr]
+        buf, self.buf = self.buf, b""
+        cs.data_received(buf)
+        tunnel.resume_upstream()
+
+    def eof_received(self) -> bool:
+        self.fail("not_tls")
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.cancel_timer()
+        self.tunnel.side_lost(self.tunnel.client_side, exc)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def fail(self, reason: str, alert: bytes = b"") -> None:
+        self.cancel_timer()
+        transport = self.tunnel.client_side.transport
+        if alert and transport is not None and not transport.is_closing():
+            transport.write(alert)
+        self.tunnel.close(reason)
+
+
 class Tunnel:
     """One established CONNECT tunnel between a client and a destination."""
 
@@ -172,20 +234,27 @@ class Tunnel:
         early: bytes,
         pending: Pending,
         leftover: bytes = b"",
+        peek: PeekHello | None = None,
     ) -> None:
         """Wire the two transports together. ``early`` are bytes the client sent
         after its request head; ``leftover`` bytes the egress received after its
         own handshake and ``pending.buf`` bytes the destination sent before the
-        tunnel started. All are forwarded, none is lost."""
+        tunnel started. All are forwarded, none is lost. With ``peek`` the
+        client's bytes go through the ClientHello check first."""
         cs, us = self.client_side, self.upstream_side
         cs.peer, us.peer = upstream, client
-        client.set_protocol(cs)
         cs.connection_made(client)
         upstream.set_protocol(us)
         us.connection_made(upstream)
-        if early:
-            cs.nbytes += len(early)
-            upstream.write(early)
+        if peek is not None:
+            client.set_protocol(peek)
+            if early:
+                peek.data_received(early)
+        else:
+            client.set_protocol(cs)
+            if early:
+                cs.nbytes += len(early)
+                upstream.write(early)
         held = leftover + pending.buf if leftover else pending.buf
         if held:
             us.nbytes += len(held)
@@ -197,10 +266,21 @@ class Tunnel:
             us.eof_received()
         # If a write above passed a high-water mark, the transport has called
         # pause_writing and will call resume_writing: leave that side paused.
-        if client.get_write_buffer_size() <= HIGH_WATER:
-            upstream.resume_reading()
+        # While the ClientHello is being checked the destination stays unread.
+        if (peek is None or client.get_protocol() is cs) and self.closed_at is None:
+            self.resume_upstream()
         if upstream.get_write_buffer_size() <= HIGH_WATER:
             client.resume_reading()
+
+    def resume_upstream(self) -> None:
+        client, upstream = self.client_side.transport, self.upstream_side.transport
+        if (
+            client is not None
+            and upstream is not None
+            and not upstream.is_closing()
+            and client.get_write_buffer_size() <= HIGH_WATER
+        ):
+            upstream.resume_reading()
 
     def side_eof(self, side: _Side) -> None:
         other = self.upstream_side if side is self.client_side else self.client_side

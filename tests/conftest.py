@@ -27,6 +27,9 @@ import trustme
 import yaml
 
 CP_HOST = "dp-test.eu.cp0.konghq.com"
+# A non-Konnect name the test config allows: tunnels to it carry plain bytes
+# (Konnect names require TLS).
+RAW_HOST = "raw.example.test"
 TP_HOST = "dp-test.eu.tp0.konghq.com"
 WAIT = 10.0  # upper bound for any single wait in the tests
 
@@ -301,6 +304,7 @@ def relay_config(**overrides: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "listen": [{"address": "127.0.0.1:0"}],
         "admin": {"address": "127.0.0.1:0"},
+        "allow": [RAW_HOST],
         "resolver": {"static": {}, "allow_private": True},
         "limits": {"drain_timeout": 2},
     }

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import (
     CP_HOST,
+    RAW_HOST,
     WAIT,
     Certs,
     FakeControlPlane,
@@ -35,7 +36,7 @@ def connect_via(
     return sock, read_head(sock)
 
 
-def open_tunnel(relay: RelayProcess, target: str = f"{CP_HOST}:443") -> socket.socket:
+def open_tunnel(relay: RelayProcess, target: str = f"{RAW_HOST}:443") -> socket.socket:
     """A CONNECT that must succeed; returns the tunnel's socket."""
     sock, head = connect_via(relay, target)
     assert head == b"HTTP/1.1 200 Connection established\r\n\r\n", head
@@ -244,8 +245,8 @@ def test_200_is_exact_and_nothing_more(start_relay: Callable[..., RelayProcess])
         conn.recv(1)
 
     with tcp_peer(greet) as (port, _):
-        relay = start_relay(relay_config(resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}))
-        sock, head = connect_via(relay, f"{CP_HOST}:443", version="HTTP/1.0")
+        relay = start_relay(relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}))
+        sock, head = connect_via(relay, f"{RAW_HOST}:443", version="HTTP/1.0")
         with sock:
             data = head + recv_exactly(sock, len(b"server-speaks-first") - (len(head) - 39))
         assert data == b"HTTP/1.1 200 Connection established\r\n\r\nserver-speaks-first"
@@ -334,10 +335,10 @@ def test_private_address_refused_without_allow_private(
 ) -> None:
     with tcp_peer(lambda c: None) as (port, accepted):
         cfg = relay_config(
-            resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}, "allow_private": False}
+            resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}, "allow_private": False}
         )
         relay = start_relay(cfg)
-        sock, head = connect_via(relay, f"{CP_HOST}:443")
+        sock, head = connect_via(relay, f"{RAW_HOST}:443")
         with sock:
             reply = head + recv_all(sock)
         assert reply.startswith(b"HTTP/1.1 403 ")
@@ -356,8 +357,8 @@ def test_half_close_client_first(start_relay: Callable[..., RelayProcess]) -> No
         conn.sendall(data.upper())
 
     with tcp_peer(upper_after_eof) as (port, _):
-        relay = start_relay(relay_config(resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}))
-        sock, head = connect_via(relay, f"{CP_HOST}:443")
+        relay = start_relay(relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}))
+        sock, head = connect_via(relay, f"{RAW_HOST}:443")
         with sock:
             assert head.startswith(b"HTTP/1.1 200 ")
             sock.sendall(b"hello" * 1000)
@@ -378,8 +379,8 @@ def test_half_close_upstream_first(start_relay: Callable[..., RelayProcess]) -> 
         received.append(recv_all(conn))
 
     with tcp_peer(speak_then_listen) as (port, _):
-        relay = start_relay(relay_config(resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}))
-        sock, head = connect_via(relay, f"{CP_HOST}:443")
+        relay = start_relay(relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}))
+        sock, head = connect_via(relay, f"{RAW_HOST}:443")
         with sock:
             rest = head.partition(b"\r\n\r\n")[2]
             assert rest + recv_all(sock) == b"banner"  # EOF forwarded to the client
@@ -400,7 +401,7 @@ def test_stalled_peer_bounds_memory(start_relay: Callable[..., RelayProcess]) ->
         release.wait(WAIT * 3)
 
     with tcp_peer(stall) as (port, _):
-        relay = start_relay(relay_config(resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}))
+        relay = start_relay(relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}))
         sock = open_tunnel(relay)
         rss_before = relay.rss_kib()
         sent = 0
@@ -433,12 +434,12 @@ def test_byte_counters_live_and_reconnects(start_relay: Callable[..., RelayProce
             conn.sendall(data)
 
     with tcp_peer(echo) as (port, _):
-        relay = start_relay(relay_config(resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}))
+        relay = start_relay(relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}))
         sock = open_tunnel(relay)
         sock.sendall(b"a" * 100_000)
         assert recv_exactly(sock, 100_000) == b"a" * 100_000
         samples = relay.metrics()
-        host = f'host="{CP_HOST}"'
+        host = f'host="{RAW_HOST}"'
         assert (
             samples[f'konnect_relay_tunnel_bytes_total{{direction="upstream",{host}}}'] == 100_000
         )
@@ -449,7 +450,7 @@ def test_byte_counters_live_and_reconnects(start_relay: Callable[..., RelayProce
         status, body = relay.get("/tunnels")
         assert status == 200
         (entry,) = json.loads(body)
-        assert entry["host"] == CP_HOST and entry["bytes_up"] == 100_000
+        assert entry["host"] == RAW_HOST and entry["bytes_up"] == 100_000
         assert set(entry) >= {
             "id",
             "client",
@@ -462,12 +463,12 @@ def test_byte_counters_live_and_reconnects(start_relay: Callable[..., RelayProce
             "last_activity",
         }
         # Two concurrent tunnels from one client are not reconnects...
-        sock2, _ = connect_via(relay, f"{CP_HOST}:443")
+        sock2, _ = connect_via(relay, f"{RAW_HOST}:443")
         assert relay.metrics().get(f"konnect_relay_tunnel_reconnects_total{{{host}}}", 0) == 0
         sock.close()
         relay.wait_event(lambda e: e["event"] == "tunnel_closed")
         # ...a new one after one closed is.
-        sock3, head3 = connect_via(relay, f"{CP_HOST}:443")
+        sock3, head3 = connect_via(relay, f"{RAW_HOST}:443")
         assert head3.startswith(b"HTTP/1.1 200 ")
         samples = relay.metrics()
         assert samples[f"konnect_relay_tunnel_reconnects_total{{{host}}}"] == 1
@@ -480,7 +481,7 @@ def test_idle_timeout_closes(start_relay: Callable[..., RelayProcess]) -> None:
     with tcp_peer(lambda c: c.recv(1)) as (port, _):
         relay = start_relay(
             relay_config(
-                resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}, limits={"idle_timeout": 0.4}
+                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}, limits={"idle_timeout": 0.4}
             )
         )
         sock = open_tunnel(relay)
@@ -502,7 +503,7 @@ def test_drain_on_sigterm(start_relay: Callable[..., RelayProcess]) -> None:
     with tcp_peer(echo) as (port, _):
         relay = start_relay(
             relay_config(
-                resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}}, limits={"drain_timeout": 1.5}
+                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}, limits={"drain_timeout": 1.5}
             )
         )
         sock = open_tunnel(relay)
