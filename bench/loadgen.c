@@ -27,7 +27,12 @@
  * "CONNECT NAME:PORT HTTP/1.1". --watch PID,... and --load-pid PID add the CPU
  * share of those processes over the measured interval (from /proc/PID/stat).
  *
- * Sink protocol (client -> sink, first bytes of each tunnel):
+ * Every tunnel opens the way Kong's does, with a TLS ClientHello record
+ * (SNI = --sni, default bench.eu.cp0.konghq.com): a relay that checks the
+ * hello sees a plausible one, and every target forwards the same bytes. The
+ * sink skips that first record; no TLS follows, the rest is the sink protocol.
+ *
+ * Sink protocol (client -> sink, after the hello record):
  *   'U' u64be n   client sends n bytes; sink discards them, then answers the
  *                 8-byte count it received (so upload time is end to end
  *                 without relying on half-close, which proxies treat differently)
@@ -268,7 +273,7 @@ static void print_cpu(cpu_mark a, cpu_mark b) {
 
 /* ------------------------------------------------------------------- sink */
 
-enum { S_HEAD, S_UPLOAD, S_DOWNLOAD, S_ECHO, S_WAIT_EOF };
+enum { S_HELLO = 0, S_HEAD, S_UPLOAD, S_DOWNLOAD, S_ECHO, S_WAIT_EOF };
 
 typedef struct {
     unsigned char state;
@@ -298,6 +303,30 @@ static int sink_on_event(int ep, int fd, uint32_t events) {
     if (events & EPOLLERR) return -1;
     for (;;) {
         switch (c->state) {
+        case S_HELLO: {
+            /* RFC 8446 §5.1: type(1) version(2) length(2), then the fragment. */
+            if (c->hlen < 5) {
+                ssize_t r = recv(fd, c->head + c->hlen, 5u - c->hlen, MSG_DONTWAIT);
+                if (r == 0) return -1;
+                if (r < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+                c->hlen = (unsigned char)(c->hlen + r);
+                if (c->hlen == 5) {
+                    if (c->head[0] != 0x16) return -1;
+                    c->remaining = ((uint64_t)c->head[3] << 8) | c->head[4];
+                }
+                continue;
+            }
+            if (c->remaining == 0) {
+                c->hlen = 0;
+                c->state = S_HEAD;
+                continue;
+            }
+            ssize_t r = discard(fd, c->remaining);
+            if (r == 0) return -1;
+            if (r < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -1;
+            c->remaining -= (uint64_t)r;
+            continue;
+        }
         case S_HEAD: {
             size_t need;
             if (c->hlen == 0) {
@@ -455,6 +484,69 @@ typedef struct {
 
 static client_cfg g_cfg;
 
+/* A TLS 1.3 ClientHello record as a Kong data plane would send it: SNI,
+ * supported_versions, groups, key_share, signature_algorithms, ALPN. Only
+ * its shape matters (nothing answers it with TLS). */
+static unsigned char g_hello[512];
+static size_t g_hello_len;
+
+static void put16(unsigned char *p, size_t v) {
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+
+static void build_client_hello(const char *sni) {
+    unsigned char *b = g_hello;
+    size_t n = 0, sni_len = strlen(sni);
+    if (sni_len > 200) die("--sni too long");
+    b[n++] = 0x16; /* handshake record, legacy version TLS 1.0 */
+    b[n++] = 0x03;
+    b[n++] = 0x01;
+    size_t rec_len_at = n;
+    n += 2;
+    b[n++] = 0x01; /* ClientHello */
+    size_t hs_len_at = n;
+    n += 3;
+    b[n++] = 0x03; /* legacy_version TLS 1.2 */
+    b[n++] = 0x03;
+    for (int i = 0; i < 32; i++) b[n++] = (unsigned char)(i * 7 + 1); /* random */
+    b[n++] = 32;                                                       /* session id */
+    for (int i = 0; i < 32; i++) b[n++] = (unsigned char)(i * 5 + 3);
+    static const unsigned char suites[] = {0x13, 0x01, 0x13, 0x02, 0x13, 0x03, 0xc0, 0x2f, 0xc0, 0x2b};
+    put16(b + n, sizeof suites);
+    n += 2;
+    memcpy(b + n, suites, sizeof suites);
+    n += sizeof suites;
+    b[n++] = 1; /* compression methods: null */
+    b[n++] = 0;
+    size_t ext_len_at = n;
+    n += 2;
+    /* server_name (RFC 6066 §3) */
+    put16(b + n, 0x0000);
+    put16(b + n + 2, sni_len + 5);
+    put16(b + n + 4, sni_len + 3);
+    b[n + 6] = 0; /* host_name */
+    put16(b + n + 7, sni_len);
+    memcpy(b + n + 9, sni, sni_len);
+    n += 9 + sni_len;
+    static const unsigned char fixed[] = {
+        0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04,             /* supported_versions: 1.3 */
+        0x00, 0x0a, 0x00, 0x06, 0x00, 0x04, 0x00, 0x1d, 0x00, 0x17, /* groups */
+        0x00, 0x0d, 0x00, 0x0a, 0x00, 0x08, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01, 0x08, 0x07,
+        0x00, 0x10, 0x00, 0x0b, 0x00, 0x09, 0x08, 'h', 't', 't', 'p', '/', '1', '.', '1',
+        0x00, 0x33, 0x00, 0x26, 0x00, 0x24, 0x00, 0x1d, 0x00, 0x20, /* key_share x25519 */
+    };
+    memcpy(b + n, fixed, sizeof fixed);
+    n += sizeof fixed;
+    for (int i = 0; i < 32; i++) b[n++] = (unsigned char)(i * 11 + 9);
+    put16(b + ext_len_at, n - ext_len_at - 2);
+    size_t hs_len = n - hs_len_at - 3;
+    b[hs_len_at] = 0;
+    put16(b + hs_len_at + 1, hs_len);
+    put16(b + rec_len_at, n - rec_len_at - 2);
+    g_hello_len = n;
+}
+
 /* Status line "HTTP/1.x 200 ..." and the head ends exactly at the buffer end. */
 static int response_ok(const char *buf, size_t len) {
     if (len < 16 || memcmp(buf, "HTTP/1.", 7) != 0) return 0;
@@ -512,10 +604,13 @@ static int run_bulk(int up, int ntun, uint64_t bytes) {
     int ep = epoll_create1(0);
     cpu_mark m0 = cpu_now();
     for (int i = 0; i < ntun; i++) {
-        unsigned char hdr[9];
-        hdr[0] = up ? 'U' : 'D';
-        put_u64be(hdr + 1, bytes);
-        if (send(bc[i].fd, hdr, 9, MSG_NOSIGNAL) != 9) die("send header: %s", strerror(errno));
+        unsigned char hdr[sizeof g_hello + 9];
+        memcpy(hdr, g_hello, g_hello_len);
+        hdr[g_hello_len] = up ? 'U' : 'D';
+        put_u64be(hdr + g_hello_len + 1, bytes);
+        ssize_t hn = (ssize_t)g_hello_len + 9;
+        if (send(bc[i].fd, hdr, (size_t)hn, MSG_NOSIGNAL) != hn)
+            die("send header: %s", strerror(errno));
         bc[i].remaining = bytes;
         struct epoll_event e = {.events = up ? EPOLLOUT : EPOLLIN, .data.u32 = (uint32_t)i};
         epoll_ctl(ep, EPOLL_CTL_ADD, bc[i].fd, &e);
@@ -617,10 +712,23 @@ static int t_start(tunnel *t, uint32_t idx) {
     return 0;
 }
 
+/* The hello record, then the 64-byte request (setup) or "Ex" (idle), in one write. */
+static unsigned char g_payload[sizeof g_hello + RR_SIZE];
+static size_t g_payload_len;
+
+static void build_payload(void) {
+    memcpy(g_payload, g_hello, g_hello_len);
+    if (g_idle) {
+        memcpy(g_payload + g_hello_len, "Ex", 2);
+        g_payload_len = g_hello_len + 2;
+    } else {
+        memcpy(g_payload + g_hello_len, g_request, RR_SIZE);
+        g_payload_len = g_hello_len + RR_SIZE;
+    }
+}
+
 static int t_send_payload(tunnel *t, uint32_t idx) {
-    const void *p = g_idle ? (const void *)"Ex" : (const void *)g_request;
-    size_t n = g_idle ? 2 : RR_SIZE;
-    if (send(t->fd, p, n, MSG_NOSIGNAL) != (ssize_t)n) return -1;
+    if (send(t->fd, g_payload, g_payload_len, MSG_NOSIGNAL) != (ssize_t)g_payload_len) return -1;
     t->got = 0;
     t->state = T_READ_REPLY;
     struct epoll_event e = {.events = EPOLLIN, .data.u32 = idx};
@@ -688,6 +796,7 @@ static int run_setup(int conc, double duration, long max) {
     g_ep = epoll_create1(0);
     memset(g_request, 'q', sizeof g_request);
     g_request[0] = 'R';
+    build_payload();
     if (max <= 0 || max > (long)MAX_SAMPLES) max = MAX_SAMPLES;
     double *lat = malloc(sizeof(double) * (size_t)max);
     tunnel *ts = calloc((size_t)conc, sizeof *ts);
@@ -793,6 +902,7 @@ static long idle_hold(tunnel *ts, double hold) {
 static int run_idle(long *steps, int nsteps, double hold) {
     g_ep = epoll_create1(0);
     g_idle = 1;
+    build_payload();
     long max = steps[nsteps - 1];
     if (max > MAX_IDLE) die("at most %d idle tunnels", MAX_IDLE);
     tunnel *ts = calloc((size_t)max, sizeof *ts);
@@ -858,14 +968,14 @@ static void usage(void) {
             "       loadgen bulk  --to H:P [--connect NAME:PORT] --dir up|down --tunnels N --bytes B\n"
             "       loadgen setup --to H:P [--connect NAME:PORT] --concurrency C --duration S [--max N]\n"
             "       loadgen idle  --to H:P [--connect NAME:PORT] --steps N1,N2,... [--hold S]\n"
-            "common: [--timeout S] [--watch PID,...] [--load-pid PID]\n");
+            "common: [--timeout S] [--watch PID,...] [--load-pid PID] [--sni NAME]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     if (argc < 2) usage();
     const char *mode = argv[1];
-    const char *to = NULL, *dir = "up", *steps_s = "1000";
+    const char *to = NULL, *dir = "up", *steps_s = "1000", *sni = "bench.eu.cp0.konghq.com";
     int port = 0, tunnels = 1, conc = 1;
     double lifetime = 3600, duration = 1, hold = 120;
     long max = 0;
@@ -880,6 +990,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--lifetime")) lifetime = atof(v);
         else if (!strcmp(a, "--to")) to = v;
         else if (!strcmp(a, "--connect")) g_cfg.connect_name = v;
+        else if (!strcmp(a, "--sni")) sni = v;
         else if (!strcmp(a, "--dir")) dir = v;
         else if (!strcmp(a, "--tunnels")) tunnels = atoi(v);
         else if (!strcmp(a, "--bytes")) bytes = strtoull(v, NULL, 10);
@@ -908,6 +1019,7 @@ int main(int argc, char **argv) {
     if (!strcmp(mode, "sink")) return run_sink(port, lifetime);
     if (!to) usage();
     parse_hostport(to, &g_cfg.to);
+    build_client_hello(sni);
     if (g_cfg.connect_name) {
         int n = snprintf(g_cfg.req, sizeof g_cfg.req, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n",
                          g_cfg.connect_name, g_cfg.connect_name);

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -112,6 +113,7 @@ class Server:
 
     def __init__(self, name: str, argv: Sequence[str], core: int, workdir: Path) -> None:
         self.name = name
+        self.leftovers: list[Path] = []  # files to remove once stopped
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -140,6 +142,9 @@ class Server:
     def stop(self) -> None:
         stop_group(self.proc)
         self._log.close()  # idempotent, as is stop_group
+        for path in self.leftovers:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def stop_group(proc: subprocess.Popen[Any]) -> None:
@@ -334,6 +339,10 @@ resolver:
 """
 
 
+_SQUID_IDS = itertools.count()
+SQUID_SHM = ("metadata", "queues", "readers")
+
+
 def start_target(name: str, sink: Sink, workdir: Path) -> Target:
     """Writes the proxy's config into its own directory and starts it on core 0."""
     if name == "direct":
@@ -341,6 +350,7 @@ def start_target(name: str, sink: Sink, workdir: Path) -> Target:
     port = free_port()
     sink_addr = f"127.0.0.1:{sink.port}"
     pdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
+    leftovers: list[Path] = []
     if name == "squid":
         binary = require_binary("squid")
         user = "proxy" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
@@ -349,7 +359,12 @@ def start_target(name: str, sink: Sink, workdir: Path) -> Target:
             # squid drops root for cache_effective_user, which must write here.
             entry = pwd.getpwnam(user)
             os.chown(pdir, entry.pw_uid, entry.pw_gid)
-        argv = [binary, "-N", "-f", str(pdir / "squid.conf")]
+        # A service name of its own: squid names its shared memory segments
+        # after it, and two instances with the same name refuse to start.
+        service = f"konnectbench{os.getpid()}{next(_SQUID_IDS)}"
+        argv = [binary, "-N", "-n", service, "-f", str(pdir / "squid.conf")]
+        # Left in /dev/shm when squid is killed rather than stopped.
+        leftovers = [Path(f"/dev/shm/{service}-cf__{seg}.shm") for seg in SQUID_SHM]
         target = Target(name, f"127.0.0.1:{port}", sink_addr)
     elif name == "tinyproxy":
         binary = require_binary("tinyproxy")
@@ -367,6 +382,7 @@ def start_target(name: str, sink: Sink, workdir: Path) -> Target:
     else:
         raise BenchError(f"unknown proxy {name!r}")
     target.server = Server(name, argv, PROXY_CORE, pdir)
+    target.server.leftovers = leftovers
     try:
         wait_ready(target)
     except BaseException:
@@ -861,8 +877,8 @@ def ratio_lines(figs: dict[str, dict[str, Any]]) -> list[str]:
         ("8-tunnel upload", "bulk_up_8", "bytes_per_s"),
         ("8-tunnel download", "bulk_down_8", "bytes_per_s"),
         ("setup rate c=64", "setup_c64", "tunnels_per_s"),
-        ("p99 at c=1", "setup_c1", "p99_ms"),
-        ("KB per idle tunnel", "idle", "kb_per_tunnel"),
+        ("p99 at c=1 (lower is better)", "setup_c1", "p99_ms"),
+        ("KB per idle tunnel (lower is better)", "idle", "kb_per_tunnel"),
     )
     lines = ["Relay / squid (/ tinyproxy), same run:", ""]
     for label, fig, key in rows:
