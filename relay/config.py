@@ -31,7 +31,7 @@ from pydantic import (
 
 from relay import policy
 from relay.auth import BasicAuth, Credential
-from relay.policy import Policy
+from relay.policy import HostPattern, Policy
 
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
@@ -284,6 +284,13 @@ class ResolverModel(_Strict):
     nameservers: list[str] = Field(default_factory=list)
     timeout: PositiveSeconds = DEFAULT_CONNECT_TIMEOUT
 
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, value: list[str]) -> list[str]:
+        for text in value:
+            nameserver_address(text)
+        return value
+
     @field_validator("static")
     @classmethod
     def _static(cls, value: dict[str, str]) -> dict[str, str]:
@@ -425,6 +432,16 @@ def parse_static_side(text: str) -> tuple[str, int | None]:
     return host.lower().rstrip("."), int(port_text)
 
 
+def nameserver_address(text: str) -> tuple[str, int]:
+    """``ip``, ``ip:port`` or ``[v6]:port`` of a DNS server (port 53 by default)."""
+    host, port = parse_static_side(text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"nameserver {text!r} must be an IP address") from None
+    return host, port or 53
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyURL:
     scheme: str
@@ -491,6 +508,7 @@ class Settings:
     listen: tuple[tuple[str, int], ...]
     admin: tuple[str, int] | None
     policy: Policy
+    routes: tuple[tuple[tuple[HostPattern | None, ...], str], ...]
     clients: tuple[ClientPolicy, ...]
     auth: BasicAuth | None
     static: Mapping[tuple[str, int | None], tuple[str, int | None]]
@@ -500,6 +518,14 @@ class Settings:
     limits: LimitsModel
     source: str = "<embedded default>"
     raw: FileConfig = field(default_factory=FileConfig, repr=False)
+
+    def route(self, host: str, port: int) -> str:
+        """The egress for host:port: the first ``egress.routes`` entry that
+        matches, else ``egress.mode``; "deny" refuses."""
+        for patterns, via in self.routes:
+            if any(p is None or p.matches(host, port) for p in patterns):
+                return via
+        return self.egress
 
     def policy_for(self, user: str | None, cert: str | None, ip: str) -> tuple[str, Policy | None]:
         """(client entry name, its policy); the top-level policy when no entry
@@ -583,6 +609,10 @@ def build(data: Any, source: str = "<config>") -> Settings:
         listen=tuple(parse_address(item.address) for item in raw.listen),
         admin=parse_address(raw.admin.address) if raw.admin.address else None,
         policy=compile_policy(ClientKonnectModel(), raw.allow),
+        routes=tuple(
+            (tuple(None if m == "*" else policy.parse_pattern(m) for m in r.match), r.via)
+            for r in raw.egress.routes
+        ),
         clients=clients,
         auth=BasicAuth({u.name: u.credential() for u in raw.auth.basic.users})
         if raw.auth.basic is not None

@@ -87,6 +87,18 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.egress_up = Gauge(
+            "konnect_relay_egress_up",
+            "1 while a long-lived egress connection (SSH bastion) is up",
+            ["egress"],
+            registry=r,
+        )
+        self.egress_reconnects = Counter(
+            "konnect_relay_egress_reconnects_total",
+            "Times a long-lived egress connection was re-established",
+            ["egress"],
+            registry=r,
+        )
         self.pending_heads = Gauge(
             "konnect_relay_pending_requests",
             "Connections that have not yet sent a complete request head",

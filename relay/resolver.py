@@ -13,6 +13,7 @@ import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -105,7 +106,16 @@ def static_target(
 class Resolver:
     """Resolves allowed names; applies the static map and the address checks."""
 
-    __slots__ = ("_cache", "allow_private", "allowed_networks", "cache_ttl", "static")
+    __slots__ = (
+        "_cache",
+        "_dns",
+        "allow_private",
+        "allowed_networks",
+        "cache_ttl",
+        "listening",
+        "static",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -114,11 +124,18 @@ class Resolver:
         allow_private: bool,
         cache_ttl: float,
         allowed_cidrs: Iterable[str] = (),
+        nameservers: Iterable[tuple[str, int]] = (),
+        timeout: float = 4.0,
     ) -> None:
         self.static = static
         self.allow_private = allow_private
         self.cache_ttl = cache_ttl
         self.allowed_networks = tuple(ipaddress.ip_network(c) for c in allowed_cidrs)
+        self.timeout = timeout
+        self._dns = _dns_resolver(list(nameservers), timeout) if nameservers else None
+        # (address, port) pairs this relay listens on, for the loop guard; an
+        # unspecified address stands for every local address.
+        self.listening: set[tuple[str, int]] = set()
         self._cache: dict[str, tuple[float, tuple[tuple[int, str], ...]]] = {}
 
     async def resolve(self, host: str, port: int) -> list[Endpoint]:
@@ -130,6 +147,13 @@ class Resolver:
         endpoints, refused, unpinned = [], [], []
         for family, address in addrs:
             ip = ipaddress.ip_address(address)
+            if self.listening and self.is_self(ip, port):
+                raise ResolveError(
+                    "loop",
+                    f"{host} resolves to {Endpoint(family, address, port)}, "
+                    "an address this relay listens on",
+                    status=403,
+                )
             kind = None if self.allow_private else special_purpose(ip)
             if kind is not None:
                 refused.append(f"{address} ({kind})")
@@ -151,6 +175,18 @@ class Resolver:
             )
         return interleave(endpoints)
 
+    def is_self(self, ip: IPAddress, port: int) -> bool:
+        """Would dialling ip:port reach one of this relay's own listeners?"""
+        for address, listen_port in self.listening:
+            if listen_port != port:
+                continue
+            listen_ip = ipaddress.ip_address(address)
+            if listen_ip == ip:
+                return True
+            if listen_ip.is_unspecified and (ip.is_loopback or ip.is_unspecified or _local(ip)):
+                return True
+        return False
+
     async def _lookup(self, host: str) -> tuple[tuple[int, str], ...]:
         try:
             ip = ipaddress.ip_address(host)
@@ -159,6 +195,8 @@ class Resolver:
         else:
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
             return ((family, str(ip)),)
+        if self._dns is not None:
+            return await _dns_lookup(self._dns, host)
         loop = asyncio.get_running_loop()
         now = loop.time()
         cached = self._cache.get(host)
@@ -197,3 +235,56 @@ def interleave(endpoints: list[Endpoint]) -> list[Endpoint]:
     for i in range(max(len(a), len(b))):
         out.extend(x[i] for x in (a, b) if i < len(x))
     return out
+
+
+def _local(ip: IPAddress) -> bool:
+    """Is ``ip`` assigned to this host? Binding to it succeeds only if it is."""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True
+
+
+def _dns_resolver(nameservers: list[tuple[str, int]], timeout: float) -> Any:
+    """A dnspython resolver that asks exactly these servers (``resolver.nameservers``)
+    and caches answers for their TTL, so split-horizon records pointing Konnect
+    names at this relay are never used for its own lookups."""
+    import dns.asyncresolver
+    import dns.nameserver
+    import dns.resolver
+
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in nameservers]
+    resolver.lifetime = timeout
+    resolver.cache = dns.resolver.LRUCache(MAX_CACHE_ENTRIES)
+    return resolver
+
+
+async def _dns_lookup(resolver: Any, host: str) -> tuple[tuple[int, str], ...]:
+    import dns.exception
+    import dns.resolver
+
+    answers = await asyncio.gather(
+        resolver.resolve(host, "AAAA", raise_on_no_answer=False),
+        resolver.resolve(host, "A", raise_on_no_answer=False),
+        return_exceptions=True,
+    )
+    addrs: list[tuple[int, str]] = []
+    errors: list[BaseException] = []
+    for family, answer in zip((socket.AF_INET6, socket.AF_INET), answers, strict=True):
+        if isinstance(answer, BaseException):
+            errors.append(answer)
+            continue
+        addrs.extend((family, rr.address) for rr in answer)
+    if addrs:
+        return tuple(addrs)
+    if any(isinstance(e, dns.exception.Timeout) for e in errors):
+        raise ResolveError("dns_timeout", f"DNS lookup of {host} timed out", status=504)
+    if any(isinstance(e, dns.resolver.NXDOMAIN) for e in errors):
+        raise ResolveError("dns_failure", f"DNS lookup of {host} failed: no such name")
+    if errors:
+        raise ResolveError("dns_failure", f"DNS lookup of {host} failed: {errors[0]}")
+    raise ResolveError("dns_failure", f"DNS lookup of {host} returned no address")

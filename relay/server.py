@@ -19,11 +19,10 @@ import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
-from relay import connect, proxyproto
+from relay import connect, proxyproto, tlspeek
 from relay.auth import CHALLENGE, AuthError
-from relay.config import ListenModel, Settings, TLSModel
-from relay.egress import Dialer, DialError
-from relay.egress.direct import DirectDialer
+from relay.config import ListenModel, Settings, TLSModel, nameserver_address
+from relay.egress import Dialer, DialError, make_dialers
 from relay.log import EventLog
 from relay.metrics import Metrics
 from relay.policy import Decision, Reason
@@ -52,11 +51,13 @@ def format_target(host: str, port: int) -> str:
 class Listener:
     """One ``listen:`` entry: its socket options, TLS and PROXY-protocol settings."""
 
-    __slots__ = ("name", "proxy_protocol", "spec", "ssl", "trusted")
+    __slots__ = ("name", "port", "proxy_protocol", "sni", "spec", "ssl", "trusted")
 
     def __init__(self, spec: ListenModel) -> None:
         self.spec = spec
         self.name = spec.name or spec.address
+        self.sni = spec.mode == "sni"
+        self.port = 0  # the bound port, set once listening
         self.proxy_protocol = spec.proxy_protocol
         self.trusted = tuple(ipaddress.ip_network(c) for c in spec.trusted_proxies)
         self.ssl = tls_server_context(spec.tls) if spec.tls is not None else None
@@ -186,6 +187,9 @@ class ClientConnection(asyncio.Protocol):
             buf = self.buf = buf[header.length :]
             if not buf:
                 return
+        if self.listener.sni:
+            self.hello_received(buf)
+            return
         try:
             request = connect.parse_head(buf)
         except connect.HeadError as exc:
@@ -197,6 +201,31 @@ class ClientConnection(asyncio.Protocol):
         self.transport.pause_reading()  # type: ignore[union-attr]
         self.buf = buf[request.head_length :]
         self.relay.on_request(self, request)
+
+    def hello_received(self, buf: bytes | bytearray) -> None:
+        """SNI listener: the target is the ClientHello's server_name on the
+        listener's port. The hello stays in ``buf`` and is forwarded unchanged."""
+        try:
+            hello = tlspeek.parse_client_hello(buf)
+        except tlspeek.PeekError as exc:
+            self.refuse(400, "not_tls", f"SNI listener: {exc.detail}")
+            return
+        if hello is None:
+            return
+        if hello.server_name is None:
+            self.refuse(400, "no_sni", "SNI listener: the ClientHello carries no server_name")
+            return
+        self.end_head_phase()
+        self.transport.pause_reading()  # type: ignore[union-attr]
+        request = connect.ConnectRequest(
+            host=hello.server_name,
+            port=self.listener.port,
+            version="TLS",
+            proxy_authorization=None,
+            user_agent=None,
+            head_length=0,
+        )
+        self.relay.admit(self, request)
 
     def end_head_phase(self) -> None:
         if self.timer is not None:
@@ -237,7 +266,14 @@ class ClientConnection(asyncio.Protocol):
         )
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(connect.response(status, detail, headers))
+            if not self.listener.sni:
+                transport.write(connect.response(status, detail, headers))
+            elif reason == "no_sni":
+                transport.write(tlspeek.ALERT_UNRECOGNIZED_NAME)
+            elif 400 < status < 500:
+                transport.write(tlspeek.ALERT_ACCESS_DENIED)
+            elif status >= 500:
+                transport.write(tlspeek.ALERT_INTERNAL_ERROR)
             transport.close()
 
     def eof_received(self) -> bool:
@@ -267,11 +303,18 @@ class Relay:
             allow_private=settings.allow_private,
             cache_ttl=settings.cache_ttl,
             allowed_cidrs=settings.raw.resolver.allowed_cidrs,
+            nameservers=[nameserver_address(n) for n in settings.raw.resolver.nameservers],
+            timeout=settings.raw.resolver.timeout,
         )
         self.auth = settings.auth
         self.per_client: dict[str, int] = {}
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.dialer: Dialer = DirectDialer(self.resolver)
+        self.dialers: dict[str, Dialer] = make_dialers(
+            settings,
+            self.resolver,
+            on_state=lambda name, up: self.metrics.egress_up.labels(name).set(int(up)),
+            on_reconnect=lambda name: self.metrics.egress_reconnects.labels(name).inc(),
+        )
         self.tunnels: dict[int, Tunnel] = {}
         self.pending: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -305,6 +348,8 @@ class Relay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 name = sock.getsockname()
                 self.addresses.append(format_target(name[0], name[1]))
+                self.resolver.listening.add((name[0], name[1]))
+                listener.port = name[1]
             self.servers.append(server)
         if self.settings.admin is not None:
             from relay.admin import start_admin
@@ -312,13 +357,15 @@ class Relay:
             self._admin = await start_admin(self, *self.settings.admin)
             name = self._admin.sockets[0].getsockname()
             self.admin_address = format_target(name[0], name[1])
+        for dialer in self.dialers.values():
+            await dialer.start()
         self.metrics.ready.set(1)
         self._schedule_sweep()
         self.log(
             "listening",
             proxy=self.addresses,
             admin=self.admin_address or None,
-            egress=self.dialer.name,
+            egress=self.settings.egress,
             config=self.settings.source,
         )
 
@@ -354,7 +401,8 @@ class Relay:
             self._sweeper.cancel()
         for server in self.servers:
             server.close()
-        await self.dialer.close()
+        for dialer in self.dialers.values():
+            await dialer.close()
         if self._admin is not None:
             self._admin.close()
         for task in list(self.tasks):
@@ -471,11 +519,17 @@ class Relay:
                 target,
             )
             return
-        self.per_client[identity] = per_client + 1
         host = decision.host or request.host.strip("[]")
+        via = settings.route(host, request.port)
+        if via == "deny":
+            conn.refuse(403, "route_denied", f"egress.routes refuse {target}", (), target)
+            return
+        self.per_client[identity] = per_client + 1
         konnect = pol.konnect_rule(host) is not None
         conn.task = self.spawn(
-            self.open_tunnel(conn, decision, host, request.port, konnect, would_deny, entry)
+            self.open_tunnel(
+                conn, self.dialers[via], decision, host, request.port, konnect, would_deny, entry
+            )
         )
 
     def release(self, identity: str) -> None:
@@ -488,6 +542,7 @@ class Relay:
     async def open_tunnel(
         self,
         conn: ClientConnection,
+        dialer: Dialer,
         decision: Decision,
         host: str,
         port: int,
@@ -496,7 +551,6 @@ class Relay:
         entry: str,
     ) -> None:
         target = format_target(host, port)
-        dialer = self.dialer
         identity = conn.identity
         pending = Pending()
         started = self.loop.time()
@@ -515,6 +569,7 @@ class Relay:
                 timeout = self.settings.limits.connect_timeout
                 self._dial_failed(
                     conn,
+                    dialer,
                     target,
                     started,
                     504,
@@ -524,7 +579,9 @@ class Relay:
                 )
                 return
             except DialError as exc:
-                self._dial_failed(conn, target, started, exc.status, exc.reason, exc.detail, extra)
+                self._dial_failed(
+                    conn, dialer, target, started, exc.status, exc.reason, exc.detail, extra
+                )
                 return
             except asyncio.CancelledError:
                 if pending.transport is not None:
@@ -547,7 +604,8 @@ class Relay:
             if client is None or client.is_closing():
                 dialled.transport.abort()
                 return
-            client.write(connect.ESTABLISHED)
+            if not conn.listener.sni:  # an SNI client never sent a CONNECT
+                client.write(connect.ESTABLISHED)
             early, conn.buf = bytes(conn.buf), b""
             label = REPORT_HOST_LABEL if would_deny else host
             tunnel = Tunnel(
@@ -557,7 +615,7 @@ class Relay:
             opened = True
             peek = None
             konnect_cfg = self.settings.raw.konnect
-            if konnect and konnect_cfg.require_tls:
+            if konnect and konnect_cfg.require_tls and not conn.listener.sni:
                 peek = PeekHello(
                     tunnel,
                     host if konnect_cfg.check_sni else None,
@@ -585,6 +643,7 @@ class Relay:
     def _dial_failed(
         self,
         conn: ClientConnection,
+        dialer: Dialer,
         target: str,
         started: float,
         status: int,
@@ -594,7 +653,7 @@ class Relay:
     ) -> None:
         dial_ms = round((self.loop.time() - started) * 1000, 3)
         if status != 403:
-            self.metrics.connect_failures.labels(self.dialer.name, reason).inc()
+            self.metrics.connect_failures.labels(dialer.name, reason).inc()
         conn.refuse(status, reason, detail, (), target, dial_ms=dial_ms, **extra)
 
     # --- tunnels -------------------------------------------------------------

@@ -298,7 +298,8 @@ class Tunnel:
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         if self.close_reason is None:
             if exc is not None:
-                self.close_reason = "error"
+                # An egress may say why (e.g. "egress_lost" when an SSH bastion drops).
+                self.close_reason = getattr(exc, "close_reason", "error")
             else:
                 self.close_reason = "client_eof" if side is self.client_side else "upstream_eof"
         if self.closed_at is None:

@@ -11,7 +11,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from relay.config import Settings
+    from relay.resolver import Resolver
 
 
 class DialError(Exception):
@@ -43,8 +49,11 @@ class Dialer(abc.ABC):
     async def dial(self, host: str, port: int, protocol: asyncio.Protocol) -> Dialled:
         """Connect to host:port with ``protocol`` attached; raise DialError."""
 
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Begin long-lived work (an SSH connection, say); must not block for long."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release long-lived resources (an SSH connection, say)."""
+        """Release long-lived resources."""
 
 
 _ERRNO_REASONS = {
@@ -54,6 +63,8 @@ _ERRNO_REASONS = {
     errno.ETIMEDOUT: ("timeout", "connection timed out"),
     errno.ECONNRESET: ("reset", "connection reset"),
     errno.EADDRNOTAVAIL: ("unreachable", "address not available"),
+    errno.EMFILE: ("fd_limit", "relay is at its open-file limit"),
+    errno.ENFILE: ("fd_limit", "system is at its open-file limit"),
 }
 
 
@@ -61,3 +72,38 @@ def classify(exc: OSError, where: str) -> DialError:
     """A DialError naming the cause of a failed connect to ``where``."""
     reason, text = _ERRNO_REASONS.get(exc.errno or 0, ("connect_error", exc.strerror or str(exc)))
     return DialError(reason, f"{text} by {where}" if reason == "refused" else f"{text}: {where}")
+
+
+def make_dialers(
+    settings: Settings,
+    resolver: Resolver,
+    on_state: Callable[[str, bool], None] | None = None,
+    on_reconnect: Callable[[str], None] | None = None,
+) -> dict[str, Dialer]:
+    """One dialer per egress the config uses (``egress.mode`` and every route).
+    ``on_state(name, up)`` and ``on_reconnect(name)`` report a long-lived egress
+    connection's health (the SSH bastion)."""
+    egress = settings.raw.egress
+    used = {egress.mode} | {r.via for r in egress.routes if r.via != "deny"}
+    dialers: dict[str, Dialer] = {}
+    for name in sorted(used):
+        if name == "direct":
+            from relay.egress.direct import DirectDialer
+
+            dialers[name] = DirectDialer(resolver)
+        elif name == "http_proxy":
+            from relay.egress.http_proxy import HttpProxyDialer
+
+            assert egress.http_proxy is not None
+            dialers[name] = HttpProxyDialer(egress.http_proxy, resolver)
+        elif name == "ssh":
+            from relay.egress.ssh import SSHDialer
+
+            assert egress.ssh is not None
+            dialers[name] = SSHDialer(
+                egress.ssh,
+                resolver,
+                on_state=(lambda up: on_state("ssh", up)) if on_state else None,
+                on_reconnect=(lambda: on_reconnect("ssh")) if on_reconnect else None,
+            )
+    return dialers
