@@ -519,7 +519,7 @@ def run_idle(target: Target, sink: Sink, prof: Profile) -> dict[str, Any]:
     }
 
 
-def median_record(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def median_record(runs: Sequence[dict[str, Any]], keep_runs: bool = True) -> dict[str, Any]:
     """Field-wise median of numeric fields (lists element-wise), plus the runs."""
     out: dict[str, Any] = {}
     for key, first in runs[0].items():
@@ -529,13 +529,14 @@ def median_record(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         elif isinstance(first, int | float):
             out[key] = statistics.median(values)
         elif isinstance(first, list) and first and isinstance(first[0], dict):
-            out[key] = [median_record([v[i] for v in values]) for i in range(len(first))]
+            out[key] = [median_record([v[i] for v in values], False) for i in range(len(first))]
         elif isinstance(first, list):
             out[key] = [statistics.median(col) for col in zip(*values, strict=True)]
         else:
             out[key] = first
     out.pop("runs", None)
-    out["runs"] = list(runs)
+    if keep_runs:
+        out["runs"] = list(runs)
     return out
 
 
