@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -116,7 +117,7 @@ async def _handle(relay: Relay, reader: asyncio.StreamReader, writer: asyncio.St
         writer.close()
 
 
-async def start_admin(relay: Relay, host: str, port: int) -> asyncio.Server:
+def _connected(relay: Relay) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
     tasks: set[asyncio.Task[None]] = set()
 
     def client_connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -124,4 +125,13 @@ async def start_admin(relay: Relay, host: str, port: int) -> asyncio.Server:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    return await asyncio.start_server(client_connected, host, port, limit=MAX_ADMIN_HEAD)
+    return client_connected
+
+
+async def start_admin(relay: Relay, host: str, port: int) -> asyncio.Server:
+    return await asyncio.start_server(_connected(relay), host, port, limit=MAX_ADMIN_HEAD)
+
+
+async def start_admin_unix(relay: Relay, path: str) -> asyncio.Server:
+    """A worker's admin endpoint, on a Unix socket its supervisor queries."""
+    return await asyncio.start_unix_server(_connected(relay), path, limit=MAX_ADMIN_HEAD)

@@ -1,12 +1,14 @@
-"""Command line: ``run``, ``check``, ``policy``. No logic of its own."""
+"""Command line: ``run``, ``check``, ``policy``, ``doctor``. No logic of its own."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from relay import config
 
@@ -22,22 +24,42 @@ def _load(path: str | None) -> config.Settings:
         raise SystemExit(1) from None
 
 
-async def _serve(settings: config.Settings) -> int:
+async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
+    from relay.notify import notify
     from relay.server import Relay
 
-    relay = Relay(settings)
+    relay = Relay(
+        settings,
+        reuse_port=getattr(args, "reuse_port", False),
+        admin_path=getattr(args, "admin_socket", None),
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(relay.reload(args.config))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
         await relay.start()
     except OSError as exc:
         print(f"cannot listen: {exc}", file=sys.stderr)
         await relay.stop()
         return 1
-    await stop.wait()
-    await relay.drain()
+    if args.pid_file:
+        Path(args.pid_file).write_text(f"{os.getpid()}\n")
+    notify("READY=1")
+    try:
+        await stop.wait()
+        await relay.drain()
+    finally:
+        if args.pid_file:
+            Path(args.pid_file).unlink(missing_ok=True)
     return 0
 
 
@@ -45,7 +67,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
     settings = _load(args.config)
-    return uvloop.run(_serve(settings))
+    return uvloop.run(_serve(settings, args))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Validate the file first, then send SIGHUP to the process in --pid-file."""
+    if args.config:
+        _load(args.config)
+    try:
+        pid = int(Path(args.pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"reload: cannot signal the relay named by {args.pid_file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"reload: sent SIGHUP to {pid}")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -75,6 +111,28 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return 0 if decision.allowed else 1
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print an argon2id hash for auth.basic.users[].password_hash."""
+    import getpass
+
+    from relay.auth import hash_password
+
+    password = sys.stdin.readline().rstrip("\r\n") if args.stdin else getpass.getpass()
+    try:
+        print(hash_password(password))
+    except ValueError as exc:
+        print(f"hash-password: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from relay import doctor
+
+    settings = _load(args.config)
+    return doctor.main(settings, args.targets, cafile=args.cafile, timeout=args.timeout)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="konnect-relay",
@@ -83,7 +141,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the relay")
     run.add_argument("--config", help="YAML config file (default: the embedded default)")
+    run.add_argument("--pid-file", help="write the process id here (for `reload`)")
     run.set_defaults(func=cmd_run)
+    reload = sub.add_parser("reload", help="make a running relay re-read its config (SIGHUP)")
+    reload.add_argument("--pid-file", required=True, help="the file given to `run --pid-file`")
+    reload.add_argument("--config", help="validate this file first; refuse to signal if invalid")
+    reload.set_defaults(func=cmd_reload)
     check = sub.add_parser("check", help="validate a config file; exit 1 listing every error")
     check.add_argument("--config", required=True)
     check.set_defaults(func=cmd_check)
@@ -91,6 +154,31 @@ def parser() -> argparse.ArgumentParser:
     pol.add_argument("target", metavar="HOST:PORT")
     pol.add_argument("--config")
     pol.set_defaults(func=cmd_policy)
+    doc = sub.add_parser(
+        "doctor",
+        help="check that Konnect hosts are reachable through the configured egress "
+        "(policy, DNS, connect, verified TLS handshake)",
+    )
+    doc.add_argument(
+        "targets",
+        nargs="*",
+        metavar="HOST[:PORT]",
+        help="hosts to check (default: the Konnect hosts of the configured regions "
+        "and konnect.control_planes)",
+    )
+    doc.add_argument("--config", help="YAML config file (default: the embedded default)")
+    doc.add_argument("--cafile", help="CA bundle to verify servers with (default: system CAs)")
+    doc.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds allowed for each step: DNS, connect, TLS handshake (default: 5, as Kong)",
+    )
+    doc.set_defaults(func=cmd_doctor)
+    hp = sub.add_parser("hash-password", help="print an argon2id hash for auth.basic.users")
+    hp.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    hp.set_defaults(func=cmd_hash_password)
     return p
 
 

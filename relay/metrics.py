@@ -99,6 +99,12 @@ class Metrics:
             ["egress"],
             registry=r,
         )
+        self.reloads = Counter(
+            "konnect_relay_config_reloads_total",
+            "Configuration reloads by result (ok, error: the old config keeps running)",
+            ["result"],
+            registry=r,
+        )
         self.pending_heads = Gauge(
             "konnect_relay_pending_requests",
             "Connections that have not yet sent a complete request head",

@@ -17,14 +17,16 @@ import socket
 import ssl
 import time
 from collections.abc import Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from relay import connect, proxyproto, tlspeek
+from relay import config, connect, proxyproto, tlspeek
 from relay.auth import CHALLENGE, AuthError
 from relay.config import ListenModel, Settings, TLSModel, nameserver_address
 from relay.egress import Dialer, DialError, make_dialers
 from relay.log import EventLog
 from relay.metrics import Metrics
+from relay.notify import notify
 from relay.policy import Decision, Reason
 from relay.resolver import Resolver
 from relay.tunnel import PeekHello, Pending, Tunnel
@@ -42,6 +44,8 @@ FD_RESERVE = 64
 # In report mode a tunnel the policy would deny carries this host label, so
 # Prometheus label values stay bounded by the allowlist.
 REPORT_HOST_LABEL = "(would-deny)"
+# Credential checks queued or running at once before new ones get 503.
+MAX_PENDING_VERIFICATIONS = 32
 
 
 def format_target(host: str, port: int) -> str:
@@ -182,8 +186,10 @@ class ClientConnection(asyncio.Protocol):
                 return
             self.need_proxy_header = False
             if not header.local and header.source is not None:
-                self.client_ip = header.source[0]
-                self.peer = format_target(header.source[0], header.source[1])
+                ip = ipaddress.ip_address(header.source[0])
+                mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+                self.client_ip = str(mapped or ip)
+                self.peer = format_target(self.client_ip, header.source[1])
             buf = self.buf = buf[header.length :]
             if not buf:
                 return
@@ -293,28 +299,33 @@ class ClientConnection(asyncio.Protocol):
 class Relay:
     """One relay instance: listeners, admin endpoint, live tunnels."""
 
-    def __init__(self, settings: Settings, log: EventLog | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log: EventLog | None = None,
+        *,
+        reuse_port: bool = False,
+        admin_path: str | None = None,
+    ) -> None:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.log = log if log is not None else EventLog()
         self.metrics = Metrics()
-        self.resolver = Resolver(
-            settings.static,
-            allow_private=settings.allow_private,
-            cache_ttl=settings.cache_ttl,
-            allowed_cidrs=settings.raw.resolver.allowed_cidrs,
-            nameservers=[nameserver_address(n) for n in settings.raw.resolver.nameservers],
-            timeout=settings.raw.resolver.timeout,
-        )
+        self.resolver = self._make_resolver(settings)
         self.auth = settings.auth
+        # argon2 verification costs ~0.3 s of CPU and 64 MiB by design: a small
+        # dedicated pool and a cap keep a flood of bad credentials from starving
+        # the event loop's default executor (DNS) or the memory.
+        self.auth_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
+        self.verifying = 0
         self.per_client: dict[str, int] = {}
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.dialers: dict[str, Dialer] = make_dialers(
-            settings,
-            self.resolver,
-            on_state=lambda name, up: self.metrics.egress_up.labels(name).set(int(up)),
-            on_reconnect=lambda name: self.metrics.egress_reconnects.labels(name).inc(),
+            settings, self.resolver, self._egress_state, self._egress_reconnect
         )
+        self.listeners: dict[str, tuple[Listener, asyncio.Server]] = {}
+        self.reuse_port = reuse_port
+        self.admin_path = admin_path
         self.tunnels: dict[int, Tunnel] = {}
         self.pending: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -330,28 +341,33 @@ class Relay:
 
     # --- lifecycle -----------------------------------------------------------
 
+    @staticmethod
+    def _make_resolver(settings: Settings) -> Resolver:
+        r = settings.raw.resolver
+        return Resolver(
+            settings.static,
+            allow_private=r.allow_private,
+            cache_ttl=r.cache_ttl,
+            allowed_cidrs=r.allowed_cidrs,
+            nameservers=[nameserver_address(n) for n in r.nameservers],
+            timeout=r.timeout,
+        )
+
+    def _egress_state(self, name: str, up: bool) -> None:
+        self.metrics.egress_up.labels(name).set(int(up))
+
+    def _egress_reconnect(self, name: str) -> None:
+        self.metrics.egress_reconnects.labels(name).inc()
+
     async def start(self) -> None:
-        for spec, (host, port) in zip(self.settings.raw.listen, self.settings.listen, strict=True):
-            listener = Listener(spec)
-            server = await self.loop.create_server(
-                lambda listener=listener: ClientConnection(self, listener),
-                host,
-                port,
-                backlog=LISTEN_BACKLOG,
-                reuse_address=True,
-                ssl=listener.ssl,
-                ssl_handshake_timeout=self.settings.limits.head_timeout if listener.ssl else None,
-            )
-            for sock in server.sockets:
-                # Accepted sockets inherit these on Linux: no per-connection syscalls.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                name = sock.getsockname()
-                self.addresses.append(format_target(name[0], name[1]))
-                self.resolver.listening.add((name[0], name[1]))
-                listener.port = name[1]
-            self.servers.append(server)
-        if self.settings.admin is not None:
+        for spec, address in zip(self.settings.raw.listen, self.settings.listen, strict=True):
+            await self._bind(spec, address)
+        if self.admin_path is not None:
+            from relay.admin import start_admin_unix
+
+            self._admin = await start_admin_unix(self, self.admin_path)
+            self.admin_address = self.admin_path
+        elif self.settings.admin is not None:
             from relay.admin import start_admin
 
             self._admin = await start_admin(self, *self.settings.admin)
@@ -369,11 +385,112 @@ class Relay:
             config=self.settings.source,
         )
 
+    async def _bind(self, spec: ListenModel, address: tuple[str, int]) -> None:
+        listener = Listener(spec)
+        server = await self.loop.create_server(
+            lambda: ClientConnection(self, listener),
+            address[0],
+            address[1],
+            backlog=LISTEN_BACKLOG,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            ssl=listener.ssl,
+            ssl_handshake_timeout=self.settings.limits.head_timeout if listener.ssl else None,
+        )
+        for sock in server.sockets:
+            # Accepted sockets inherit these on Linux: no per-connection syscalls.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            name = sock.getsockname()
+            self.addresses.append(format_target(name[0], name[1]))
+            self.resolver.listening.add((name[0], name[1]))
+            listener.port = name[1]
+        self.servers.append(server)
+        self.listeners[spec.model_dump_json()] = (listener, server)
+
+    # --- reload --------------------------------------------------------------
+
+    async def reload(self, path: str | None) -> bool:
+        """Re-read the config. Invalid: keep running on the old one. Valid: swap
+        policy, auth, resolver and changed egresses atomically, rebind changed
+        listeners, re-read TLS files, and close tunnels the new policy denies."""
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            try:
+                new = config.load(path)
+            except config.ConfigError as exc:
+                self.metrics.reloads.labels("error").inc()
+                self.log("reload_failed", config=exc.source, errors=exc.errors)
+                return False
+            await self._apply(new)
+            self.metrics.reloads.labels("ok").inc()
+            return True
+        finally:
+            notify("READY=1")
+
+    async def _apply(self, new: Settings) -> None:
+        old = self.settings
+        resolver = self._make_resolver(new)
+        resolver.listening = self.resolver.listening
+        dialers = make_dialers(new, resolver, self._egress_state, self._egress_reconnect)
+        kept: dict[str, Dialer] = {}
+        for name, dialer in dialers.items():
+            previous = self.dialers.get(name)
+            if previous is not None and _egress_model(old, name) == _egress_model(new, name):
+                previous.retarget(resolver)
+                kept[name] = previous  # e.g. keep the live SSH connection and its tunnels
+            else:
+                await dialer.start()
+                kept[name] = dialer
+        retired = [d for n, d in self.dialers.items() if kept.get(n) is not d]
+        self.settings, self.resolver, self.dialers, self.auth = new, resolver, kept, new.auth
+        for dialer in retired:
+            await dialer.close()
+        await self._rebind(new)
+        revoked = self._close_revoked() if new.raw.reload.close_revoked else 0
+        self.log("reloaded", config=new.source, tunnels=len(self.tunnels), revoked=revoked)
+
+    async def _rebind(self, new: Settings) -> None:
+        wanted = {
+            spec.model_dump_json(): (spec, address)
+            for spec, address in zip(new.raw.listen, new.listen, strict=True)
+        }
+        for key in list(self.listeners):
+            if key not in wanted:
+                listener, server = self.listeners.pop(key)
+                server.close()
+                self.servers.remove(server)
+                for sock in server.sockets:
+                    name = sock.getsockname()
+                    self.resolver.listening.discard((name[0], name[1]))
+                    self.addresses.remove(format_target(name[0], name[1]))
+        for key, (spec, address) in wanted.items():
+            if key in self.listeners:
+                listener = self.listeners[key][0]
+                if listener.ssl is not None and spec.tls is not None:
+                    # Certificates are re-read in place: new handshakes use them.
+                    listener.ssl.load_cert_chain(spec.tls.cert, spec.tls.key)
+            else:
+                await self._bind(spec, address)
+
+    def _close_revoked(self) -> int:
+        enforce = self.settings.raw.policy_mode == "enforce"
+        revoked = 0
+        for tunnel in list(self.tunnels.values()):
+            user, cert, ip = tunnel.who
+            _, pol = self.settings.policy_for(user, cert, ip)
+            allowed = pol is not None and pol.decide(tunnel.host, tunnel.port).allowed
+            if not allowed and (enforce or pol is None):
+                tunnel.close("policy_revoked", abort=True)
+                revoked += 1
+        return revoked
+
     async def drain(self) -> None:
         """Stop accepting, let live tunnels run up to drain_timeout, then close them."""
         if self.draining:
             return
         self.draining = True
+        notify("STOPPING=1")
         self.metrics.ready.set(0)
         for server in self.servers:
             server.close()
@@ -407,6 +524,7 @@ class Relay:
             self._admin.close()
         for task in list(self.tasks):
             task.cancel()
+        self.auth_executor.shutdown(wait=False, cancel_futures=True)
         self.log("stopped")
         self.stopped.set()
 
@@ -442,6 +560,11 @@ class Relay:
             conn.user = user
             self.admit(conn, request)
             return
+        if self.verifying >= MAX_PENDING_VERIFICATIONS:
+            conn.refuse(
+                503, "auth_busy", "too many credential checks in progress; retry", (), target
+            )
+            return
         conn.task = self.spawn(self.authenticate(conn, request, header))
 
     async def authenticate(
@@ -449,14 +572,17 @@ class Relay:
     ) -> None:
         """Verify a password hash off the event loop (argon2 is slow by design)."""
         assert self.auth is not None
+        self.verifying += 1
         try:
             conn.user = await self.loop.run_in_executor(
-                None, self.auth.verify, header, time.monotonic()
+                self.auth_executor, self.auth.verify, header, time.monotonic()
             )
         except AuthError as exc:
             target = format_target(request.host, request.port)
             conn.refuse(407, exc.reason, exc.detail, CHALLENGE, target)
             return
+        finally:
+            self.verifying -= 1
         conn.task = None
         if conn.transport is not None:
             self.admit(conn, request)
@@ -607,10 +733,11 @@ class Relay:
             if not conn.listener.sni:  # an SNI client never sent a CONNECT
                 client.write(connect.ESTABLISHED)
             early, conn.buf = bytes(conn.buf), b""
-            label = REPORT_HOST_LABEL if would_deny else host
             tunnel = Tunnel(
-                identity, label, port, dialer.name, self.tunnel_closed, conn.listener.name
+                identity, host, port, dialer.name, self.tunnel_closed, conn.listener.name
             )
+            tunnel.label = REPORT_HOST_LABEL if would_deny else host
+            tunnel.who = (conn.user, conn.cert, conn.client_ip)
             self.tunnel_opened(tunnel)
             opened = True
             peek = None
@@ -660,7 +787,7 @@ class Relay:
 
     def tunnel_opened(self, tunnel: Tunnel) -> None:
         self.tunnels[tunnel.id] = tunnel
-        m, host = self.metrics, tunnel.host
+        m, host = self.metrics, tunnel.label
         m.tunnels_opened.labels(host).inc()
         m.tunnels_active.labels(host).inc()
         last = self.last_closed.get((tunnel.client, host))
@@ -670,7 +797,7 @@ class Relay:
     def tunnel_closed(self, tunnel: Tunnel) -> None:
         if self.tunnels.pop(tunnel.id, None) is None:
             return
-        m, host = self.metrics, tunnel.host
+        m, host = self.metrics, tunnel.label
         now = time.monotonic()
         reason = tunnel.close_reason or "error"
         self.fold(tunnel)
@@ -699,10 +826,10 @@ class Relay:
         up, down = tunnel.bytes_up, tunnel.bytes_down
         counter = self.metrics.tunnel_bytes
         if up != tunnel.folded_up:
-            counter.labels(tunnel.host, "upstream").inc(up - tunnel.folded_up)
+            counter.labels(tunnel.label, "upstream").inc(up - tunnel.folded_up)
             tunnel.folded_up = up
         if down != tunnel.folded_down:
-            counter.labels(tunnel.host, "downstream").inc(down - tunnel.folded_down)
+            counter.labels(tunnel.label, "downstream").inc(down - tunnel.folded_down)
             tunnel.folded_down = down
 
     def fold_all(self) -> None:
@@ -730,3 +857,8 @@ class Relay:
             for key in stale:
                 del self.last_closed[key]
         self._schedule_sweep()
+
+
+def _egress_model(settings: Settings, name: str) -> object:
+    egress = settings.raw.egress
+    return {"http_proxy": egress.http_proxy, "ssh": egress.ssh}.get(name)

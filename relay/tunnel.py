@@ -178,6 +178,7 @@ class Tunnel:
         "folded_up",
         "host",
         "id",
+        "label",
         "last_activity",
         "listener",
         "lost",
@@ -187,6 +188,7 @@ class Tunnel:
         "port",
         "seen_bytes",
         "upstream_side",
+        "who",
     )
 
     def __init__(
@@ -201,7 +203,9 @@ class Tunnel:
         self.id = next(_ids)
         self.client = client
         self.host = host
+        self.label = host  # the metrics label (bounded; see server.REPORT_HOST_LABEL)
         self.port = port
+        self.who: tuple[str | None, str | None, str] = (None, None, client)
         self.egress = egress
         self.listener = listener
         self.on_closed = on_closed

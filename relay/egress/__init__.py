@@ -44,6 +44,7 @@ class Dialer(abc.ABC):
     """One way out. Implementations: direct, http_proxy, ssh."""
 
     name: str
+    resolver: Resolver
 
     @abc.abstractmethod
     async def dial(self, host: str, port: int, protocol: asyncio.Protocol) -> Dialled:
@@ -51,6 +52,10 @@ class Dialer(abc.ABC):
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Begin long-lived work (an SSH connection, say); must not block for long."""
+
+    def retarget(self, resolver: Resolver) -> None:
+        """Use a new resolver (static map, address checks) after a reload."""
+        self.resolver = resolver
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release long-lived resources."""
