@@ -171,9 +171,9 @@ def parser() -> argparse.ArgumentParser:
     doc.add_argument(
         "--timeout",
         type=float,
-        default=5.0,
         metavar="S",
-        help="seconds allowed for each step: DNS, connect, TLS handshake (default: 5, as Kong)",
+        help="seconds allowed for each step: DNS, connect, TLS handshake "
+        "(default: limits.connect_timeout to connect, as the relay; 5 s otherwise, as Kong)",
     )
     doc.set_defaults(func=cmd_doctor)
     hp = sub.add_parser("hash-password", help="print an argon2id hash for auth.basic.users")

@@ -1,0 +1,568 @@
+"""``konnect-relay doctor``: can this host reach Konnect the way the relay would?
+
+For each Konnect host the config allows (or each name given on the command
+line) the doctor takes the steps the relay takes for a data plane's
+``CONNECT``: the policy decision, the egress route, the resolution (static
+map and address checks, shown only for direct egress, where this host does
+the lookup), and the dial through the configured egress. It then takes the one
+step only the data plane takes: a TLS handshake that verifies the server's
+certificate chain and name against the system CAs or ``--cafile``. No client
+certificate is offered and nothing but ``close_notify`` is sent after the
+handshake, so a check never authenticates to Konnect.
+
+The handshake runs over memory BIOs fed by a small protocol rather than
+through ``loop.start_tls``: uvloop's ``start_tls`` accepts only its own TCP,
+Unix and TLS transports, and a dialer may hand back another kind (an SSH
+channel), so the doctor drives TLS itself over whatever transport it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TextIO, cast
+
+from relay.config import Settings, nameserver_address
+from relay.egress import Dialer, DialError, make_dialers
+from relay.resolver import ResolveError, Resolver
+
+SECONDS = 1.0
+# Kong's client gives up on every proxy step after 5 s; a DNS lookup or TLS
+# handshake slower than that fails for the data plane too, so it fails here.
+# (The dial gets limits.connect_timeout, as in the relay.)
+DEFAULT_TIMEOUT = 5 * SECONDS
+# Every region with one control-plane prefix is ~20 hosts; eight at a time keeps
+# the run short without looking like a burst to a parent proxy or a firewall.
+MAX_CONCURRENT = 8
+# A peer that does not close after our close_notify is not worth waiting for.
+CLOSE_WAIT = 1 * SECONDS
+# Enough of a non-TLS answer to recognise it ("HTTP/1.1 400 Bad Request").
+MAX_SHOWN_BYTES = 24
+KONNECT_PORT = 443  # the only port Konnect needs (Konnect networking docs)
+
+# RFC 8446 §5.1: ContentType handshake(22) and alert(21) start every record a
+# TLS server sends in answer to a ClientHello.
+_TLS_RECORD_TYPES = (21, 22)
+# OpenSSL X509_V_ERR_HOSTNAME_MISMATCH: the chain is fine, the name is not in it.
+_HOSTNAME_MISMATCH = 62
+
+_DIAL_VERDICTS = {
+    "refused": "connection refused",
+    "timeout": "timeout",
+    "reset": "connection reset",
+    "unreachable": "unreachable",
+}
+_RESOLVE_VERDICTS = {
+    "dns_failure": "DNS failure",
+    "dns_timeout": "DNS timeout",
+    "private_address": "non-public address refused",
+    "address_not_pinned": "address outside resolver.allowed_cidrs",
+}
+
+COLUMNS = ("HOST", "ADDRESSES", "CONNECT", "TLS", "CERT EXPIRES", "VERDICT")
+
+
+class UsageError(Exception):
+    """A command-line argument the doctor cannot use."""
+
+
+class _Failed(Exception):
+    """One step failed: ``verdict`` goes in the table, ``detail`` below it."""
+
+    def __init__(self, verdict: str, detail: str = "") -> None:
+        super().__init__(verdict)
+        self.verdict = verdict
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class Check:
+    """The outcome of checking one ``host:port``."""
+
+    host: str
+    port: int
+    addresses: list[str] = field(default_factory=list)
+    connect_ms: float | None = None
+    tls_version: str | None = None
+    not_after: datetime | None = None
+    ok: bool = False
+    verdict: str = "not checked"
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.host if self.port == KONNECT_PORT else f"{self.host}:{self.port}"
+
+
+# --- what to check (pure) -----------------------------------------------------
+
+
+def konnect_targets(settings: Settings) -> tuple[list[tuple[str, int]], str]:
+    """The Konnect hosts a data plane of this config talks to, and a note when
+    the control-plane hosts cannot be listed (``konnect.control_planes`` empty
+    means any prefix, and the prefixes are not known here)."""
+    k = settings.raw.konnect
+    hosts: list[str] = []
+    for region in k.regions:
+        for prefix in k.control_planes:
+            hosts.append(f"{prefix}.{region}.cp0.konghq.com")
+            hosts.append(f"{prefix}.{region}.tp0.konghq.com")
+        hosts.append(f"{region}.api.konghq.com")
+    hosts += ["cloud.konghq.com", "global.api.konghq.com"]
+    note = ""
+    if not k.control_planes:
+        note = (
+            "konnect.control_planes is empty (any prefix is allowed), so the control-plane "
+            "hosts are unknown here; name them, e.g. "
+            "konnect-relay doctor PREFIX.REGION.cp0.konghq.com PREFIX.REGION.tp0.konghq.com"
+        )
+    return [(h, KONNECT_PORT) for h in dict.fromkeys(hosts)], note
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """``HOST`` or ``HOST:PORT`` (port 443 when absent); the policy judges the host."""
+    host, sep, port_text = text, "", ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end > 0 and text[end + 1 : end + 2] == ":":
+            host, sep, port_text = text[: end + 1], ":", text[end + 2 :]
+    elif text.count(":") == 1:
+        host, sep, port_text = text.partition(":")
+    if not host:
+        raise UsageError(f"{text!r}: empty host")
+    if not sep:
+        return host, KONNECT_PORT
+    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise UsageError(f"{text!r}: port must be in 1..65535")
+    return host, int(port_text)
+
+
+def format_table(checks: Sequence[Check], now: datetime) -> str:
+    """The result table, then one line of detail per failed check."""
+    rows = [COLUMNS]
+    for c in checks:
+        expiry = "-"
+        if c.not_after is not None:
+            days = (c.not_after - now).days
+            expiry = f"{c.not_after:%Y-%m-%d} ({days} d)"
+        rows.append(
+            (
+                c.label,
+                ", ".join(c.addresses) or "-",
+                f"{c.connect_ms:.1f} ms" if c.connect_ms is not None else "-",
+                c.tls_version or "-",
+                expiry,
+                c.verdict,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
+    lines = [
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
+        for row in rows
+    ]
+    details = [f"  {c.label}: {c.detail}" for c in checks if c.detail]
+    if details:
+        lines += ["", "details:", *details]
+    return "\n".join(lines) + "\n"
+
+
+# --- progress -------------------------------------------------------------------
+
+
+class Progress:
+    """``checking 3/12 ...`` on stderr: rewritten in place on a terminal, one
+    plain line per finished check otherwise (CI logs, ``kubectl exec`` without -t)."""
+
+    __slots__ = ("done", "stream", "total", "tty", "width")
+
+    def __init__(self, stream: TextIO, total: int) -> None:
+        self.stream = stream
+        self.total = total
+        self.done = 0
+        self.width = 0
+        try:
+            self.tty = stream.isatty()
+        except ValueError:
+            self.tty = False
+        if self.tty:
+            self._show(f"checking 0/{total} ...")
+
+    def finished(self, check: Check) -> None:
+        self.done += 1
+        if self.tty:
+            self._show(f"checking {self.done}/{self.total} ... {check.label}")
+        else:
+            self._write(f"checking {self.done}/{self.total} ... {check.label}: {check.verdict}\n")
+
+    def close(self) -> None:
+        if self.tty and self.width:
+            self._write("\r" + " " * self.width + "\r")
+
+    def _show(self, text: str) -> None:
+        self._write("\r" + text.ljust(self.width))
+        self.width = len(text)
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # progress is a courtesy; a closed stderr must not fail the checks
+
+
+# --- the TLS handshake over any transport -------------------------------------
+
+
+class _Probe(asyncio.Protocol):
+    """Collects what the server sends into the TLS engine's input BIO."""
+
+    __slots__ = ("_wakeup", "closed", "eof", "first", "incoming", "loop", "transport")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.incoming = ssl.MemoryBIO()
+        self.first = b""
+        self.eof = False
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._wakeup: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not registered as asyncio.Transport subclasses,
+        # so this is a cast, not an isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if len(self.first) < MAX_SHOWN_BYTES:
+            self.first += data[: MAX_SHOWN_BYTES - len(self.first)]
+        self.incoming.write(data)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self._wake()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def wait(self) -> None:
+        """Until more bytes or the end of the stream arrive."""
+        if self.eof:
+            return
+        self._wakeup = self.loop.create_future()
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+
+
+def _flush(outgoing: ssl.MemoryBIO, transport: asyncio.WriteTransport) -> None:
+    data = outgoing.read()
+    if data and not transport.is_closing():
+        transport.write(data)
+
+
+def _not_tls(probe: _Probe) -> _Failed | None:
+    if probe.first and probe.first[0] not in _TLS_RECORD_TYPES:
+        return _Failed(
+            "not TLS",
+            f"the server answered the ClientHello with {probe.first!r}: not a TLS "
+            "server (an HTTP port, or a proxy that expects a request)",
+        )
+    return None
+
+
+def _tls_failure(exc: ssl.SSLError, probe: _Probe, verified_against: str) -> _Failed:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        message = str(exc.verify_message)
+        if exc.verify_code == _HOSTNAME_MISMATCH:
+            return _Failed("hostname mismatch", message)
+        return _Failed(
+            f"certificate verify failed: {message}",
+            f"verified against {verified_against}; a TLS-inspecting middlebox presents "
+            "its own CA's certificates (pass that CA with --cafile to confirm)",
+        )
+    failure = _not_tls(probe)
+    if failure is not None:
+        return failure
+    reason = (exc.reason or str(exc)).lower().replace("_", " ")
+    detail = ""
+    if "alert" in reason:
+        detail = (
+            "the server refused the handshake; over TLS 1.2 a server that demands a "
+            "client certificate answers this way (doctor sends none)"
+        )
+    return _Failed(f"TLS handshake failed: {reason}", detail)
+
+
+async def tls_handshake(
+    transport: asyncio.WriteTransport,
+    probe: _Probe,
+    context: ssl.SSLContext,
+    host: str,
+    verified_against: str,
+) -> tuple[str, datetime]:
+    """Verify ``host``'s certificate over ``transport``; (TLS version, notAfter).
+    Ends with ``close_notify``; raise _Failed with the cause."""
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(probe.incoming, outgoing, server_hostname=host)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError as exc:
+            _flush(outgoing, transport)  # the alert tells the server why
+            raise _tls_failure(exc, probe, verified_against) from None
+        _flush(outgoing, transport)
+        if probe.eof and not probe.incoming.pending:
+            raise _not_tls(probe) or _Failed(
+                "connection closed during TLS handshake",
+                "closed without a TLS answer: a firewall or proxy that filters by SNI?"
+                if not probe.first
+                else "",
+            )
+        await probe.wait()
+    _flush(outgoing, transport)  # our Finished (TLS 1.3: the handshake ends with it)
+    version = tls.version() or "?"
+    cert = tls.getpeercert()
+    if not cert or "notAfter" not in cert:
+        raise _Failed("TLS handshake failed: no server certificate")
+    not_after = datetime.fromtimestamp(ssl.cert_time_to_seconds(str(cert["notAfter"])), UTC)
+    # unwrap() writes our close_notify, then wants the peer's: not awaited.
+    with contextlib.suppress(ssl.SSLError):
+        tls.unwrap()
+    _flush(outgoing, transport)
+    return version, not_after
+
+
+# --- one check ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Doctor:
+    """What every check shares: settings, resolver, dialers, TLS context."""
+
+    settings: Settings
+    resolver: Resolver
+    dialers: dict[str, Dialer]
+    context: ssl.SSLContext
+    verified_against: str
+    timeout: float
+    connect_timeout: float
+
+    async def check(self, host: str, port: int) -> Check:
+        check = Check(host, port)
+        try:
+            await self._check(check)
+        except _Failed as exc:
+            check.verdict, check.detail = exc.verdict, exc.detail
+        else:
+            check.ok, check.verdict = True, "ok"
+        return check
+
+    async def _check(self, check: Check) -> None:
+        decision = self.settings.policy.decide(check.host, check.port)
+        if decision.host:
+            check.host = decision.host
+        report_only = self.settings.raw.policy_mode == "report" and bool(decision.host)
+        if not decision.allowed and not report_only:
+            raise _Failed(f"denied by policy: {decision.reason.value}", decision.detail)
+        via = self.settings.route(check.host, check.port)
+        if via == "deny":
+            raise _Failed("denied by egress.routes", f"egress.routes refuse {check.label}")
+        dialer = self.dialers[via]
+        loop = asyncio.get_running_loop()
+        if via == "direct":
+            try:
+                async with asyncio.timeout(self.timeout):
+                    endpoints = await self.resolver.resolve(check.host, check.port)
+            except TimeoutError:
+                raise _Failed("DNS timeout", f"no answer within {self.timeout:g} s") from None
+            except ResolveError as exc:
+                verdict = _RESOLVE_VERDICTS.get(exc.reason, exc.reason)
+                detail = exc.detail
+                if exc.reason == "dns_failure" and ": " in detail:
+                    # the cause fits in the table; the detail would only repeat it
+                    verdict, detail = f"{verdict}: {detail.rpartition(': ')[2]}", ""
+                raise _Failed(verdict, detail) from None
+            check.addresses = [str(e) for e in endpoints]
+        probe = _Probe(loop)
+        # not loop.time(): uvloop's clock is libuv's, in whole milliseconds
+        started = time.perf_counter()
+        try:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    dialled = await dialer.dial(check.host, check.port, probe)
+            except TimeoutError:
+                raise _Failed(
+                    "timeout", f"no connection within {self.connect_timeout:g} s"
+                ) from None
+            except DialError as exc:
+                verdict = _DIAL_VERDICTS.get(exc.reason, f"connect failed: {exc.reason}")
+                raise _Failed(verdict, exc.detail) from None
+            check.connect_ms = (time.perf_counter() - started) * 1000
+            if via != "direct":
+                check.addresses = [f"via {via} {dialled.peer}"]
+            probe.transport = dialled.transport
+            if dialled.leftover:
+                probe.data_received(dialled.leftover)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    check.tls_version, check.not_after = await tls_handshake(
+                        dialled.transport, probe, self.context, check.host, self.verified_against
+                    )
+            except TimeoutError:
+                raise _Failed(
+                    "timeout", f"no TLS handshake within {self.timeout:g} s after connecting"
+                ) from None
+        finally:
+            await self._close(probe)
+        if not decision.allowed:
+            check.detail = (
+                f"policy_mode is report: the relay lets this through and logs would_deny "
+                f"({decision.reason.value})"
+            )
+
+    async def _close(self, probe: _Probe) -> None:
+        transport = probe.transport
+        if transport is None:
+            return
+        transport.close()
+        try:
+            async with asyncio.timeout(CLOSE_WAIT):
+                await probe.closed
+        except TimeoutError:
+            transport.abort()
+
+
+# --- entry points -------------------------------------------------------------
+
+
+def make_resolver(settings: Settings) -> Resolver:
+    """The resolver the relay builds from the same settings (relay.server)."""
+    r = settings.raw.resolver
+    return Resolver(
+        settings.static,
+        allow_private=settings.allow_private,
+        cache_ttl=settings.cache_ttl,
+        allowed_cidrs=r.allowed_cidrs,
+        nameservers=[nameserver_address(n) for n in r.nameservers],
+        timeout=r.timeout,
+    )
+
+
+def tls_context(cafile: str | None) -> tuple[ssl.SSLContext, str]:
+    """A verifying client context (hostname and chain; TLS >= 1.2) and what it trusts."""
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--cafile {cafile}: cannot load: {exc}") from None
+    return context, cafile or "the system CAs"
+
+
+async def check_all(
+    doctor: Doctor, targets: Iterable[tuple[str, int]], progress: Progress | None = None
+) -> list[Check]:
+    """Every target, at most MAX_CONCURRENT at a time, results in input order."""
+    limit = asyncio.Semaphore(MAX_CONCURRENT)
+
+    async def one(host: str, port: int) -> Check:
+        async with limit:
+            check = await doctor.check(host, port)
+        if progress is not None:
+            progress.finished(check)
+        return check
+
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(one(host, port)) for host, port in targets]
+    return [t.result() for t in tasks]
+
+
+async def _run(
+    settings: Settings,
+    targets: list[tuple[str, int]],
+    context: ssl.SSLContext,
+    verified_against: str,
+    timeout: float | None,
+    err: TextIO,
+) -> list[Check]:
+    resolver = make_resolver(settings)
+    dialers = make_dialers(settings, resolver)
+    try:
+        for dialer in dialers.values():
+            await dialer.start()
+        doctor = Doctor(
+            settings,
+            resolver,
+            dialers,
+            context,
+            verified_against,
+            timeout=timeout or DEFAULT_TIMEOUT,
+            connect_timeout=timeout or settings.limits.connect_timeout,
+        )
+        progress = Progress(err, len(targets))
+        try:
+            return await check_all(doctor, targets, progress)
+        finally:
+            progress.close()
+    finally:
+        for dialer in dialers.values():
+            await dialer.close()
+
+
+def main(
+    settings: Settings,
+    names: Sequence[str],
+    *,
+    cafile: str | None = None,
+    timeout: float | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Run the checks on uvloop and print the table: 0 when every check passed,
+    1 when one failed, 2 for an unusable argument. ``timeout`` bounds every
+    step; by default the dial gets ``limits.connect_timeout`` (as in the relay)
+    and DNS and the TLS handshake get DEFAULT_TIMEOUT (as in Kong)."""
+    import uvloop
+
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    try:
+        if timeout is not None and not timeout > 0:
+            raise UsageError(f"--timeout must be > 0 (got {timeout:g})")
+        context, verified_against = tls_context(cafile)
+        note = ""
+        if names:
+            targets = list(dict.fromkeys(parse_target(n) for n in names))
+        else:
+            targets, note = konnect_targets(settings)
+    except UsageError as exc:
+        print(f"doctor: {exc}", file=err)
+        return 2
+    checks = uvloop.run(_run(settings, targets, context, verified_against, timeout, err))
+    out.write(format_table(checks, datetime.now(UTC)))
+    if note:
+        out.write(f"\nnote: {note}\n")
+    failed = sum(not c.ok for c in checks)
+    out.write(
+        f"\n{len(checks) - failed} of {len(checks)} ok through egress {settings.egress}"
+        f"; certificates verified against {verified_against}\n"
+    )
+    out.flush()
+    return 1 if failed else 0
