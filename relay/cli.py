@@ -67,6 +67,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
     settings = _load(args.config)
+    if getattr(args, "worker_index", None) is None:
+        from relay import supervisor
+
+        if supervisor.worker_count(settings) > 1:
+            return supervisor.run(settings, args)
     return uvloop.run(_serve(settings, args))
 
 
@@ -142,6 +147,10 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the relay")
     run.add_argument("--config", help="YAML config file (default: the embedded default)")
     run.add_argument("--pid-file", help="write the process id here (for `reload`)")
+    # Set by the supervisor (workers: N) when it starts a worker; not for operators.
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--admin-socket", help=argparse.SUPPRESS)
+    run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
     reload = sub.add_parser("reload", help="make a running relay re-read its config (SIGHUP)")
     reload.add_argument("--pid-file", required=True, help="the file given to `run --pid-file`")
