@@ -193,6 +193,11 @@ class ListenModel(_Strict):
             raise ValueError(
                 "proxy_protocol: true needs trusted_proxies (the load balancers' CIDRs)"
             )
+        if self.proxy_protocol and self.tls is not None:
+            raise ValueError(
+                "proxy_protocol with tls is not supported: the PROXY header precedes the "
+                "TLS handshake; terminate TLS in front of the relay or use a plain listener"
+            )
         if self.mode == "sni" and self.tls is not None:
             raise ValueError("an sni listener relays the client's own TLS; it takes no tls:")
         return self

@@ -173,13 +173,17 @@ class ConnectRequest:
         return f"{self.host}:{self.port}"
 
 
+_PHRASES: Final = {413: "Content Too Large", 414: "URI Too Long"}  # RFC 9110 §15.5.14-15
+
+
 def response(status: int, detail: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """An HTTP/1.1 response with a one-line text body ``"{status} {detail}\\n"``.
 
     The connection is always closed after it: every non-200 answer ends the
     conversation, and saying so keeps clients from trying to reuse it.
     """
-    phrase = HTTPStatus(status).phrase  # ValueError for a code that does not exist
+    # ValueError for a code that does not exist; RFC 9110's phrase where Python's is older.
+    phrase = _PHRASES.get(status) or HTTPStatus(status).phrase
     body = f"{status} {_LINE_BREAKING.sub(' ', detail)}\n".encode()
     parts = [
         f"HTTP/1.1 {status} {phrase}\r\n"

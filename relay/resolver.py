@@ -140,6 +140,7 @@ class Resolver:
 
     async def resolve(self, host: str, port: int) -> list[Endpoint]:
         """Checked endpoints for host:port, in the order Happy Eyeballs should try."""
+        name = host
         target = static_target(self.static, host, port)
         if target is not None:
             host, port = target
@@ -165,7 +166,7 @@ class Resolver:
             if unpinned:
                 raise ResolveError(
                     "address_not_pinned",
-                    f"{host} resolves to {', '.join(unpinned)}, outside resolver.allowed_cidrs",
+                    f"{name} resolves to {', '.join(unpinned)}, outside resolver.allowed_cidrs",
                     status=403,
                 )
             raise ResolveError(
@@ -176,14 +177,19 @@ class Resolver:
         return interleave(endpoints)
 
     def is_self(self, ip: IPAddress, port: int) -> bool:
-        """Would dialling ip:port reach one of this relay's own listeners?"""
+        """Would dialling ip:port reach one of this relay's own listeners?
+
+        An IPv4-mapped address (``::ffff:a.b.c.d``) is dialled as a.b.c.d, and a
+        connect to an unspecified address (0.0.0.0, ::) reaches this host, so
+        both count as the listener they lead to."""
+        ip = _unmapped(ip)
         for address, listen_port in self.listening:
             if listen_port != port:
                 continue
-            listen_ip = ipaddress.ip_address(address)
-            if listen_ip == ip:
+            listen_ip = _unmapped(ipaddress.ip_address(address))
+            if listen_ip == ip or ip.is_unspecified:
                 return True
-            if listen_ip.is_unspecified and (ip.is_loopback or ip.is_unspecified or _local(ip)):
+            if listen_ip.is_unspecified and (ip.is_loopback or _local(ip)):
                 return True
         return False
 
@@ -235,6 +241,13 @@ def interleave(endpoints: list[Endpoint]) -> list[Endpoint]:
     for i in range(max(len(a), len(b))):
         out.extend(x[i] for x in (a, b) if i < len(x))
     return out
+
+
+def _unmapped(ip: IPAddress) -> IPAddress:
+    """The IPv4 address inside an IPv4-mapped IPv6 address (RFC 4291 §2.5.5.2)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def _local(ip: IPAddress) -> bool:

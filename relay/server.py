@@ -44,11 +44,17 @@ FD_RESERVE = 64
 # In report mode a tunnel the policy would deny carries this host label, so
 # Prometheus label values stay bounded by the allowlist.
 REPORT_HOST_LABEL = "(would-deny)"
+# How long a refused client's remaining input is read and dropped before close.
+LINGER_TIMEOUT = 2.0
 # Credential checks queued or running at once before new ones get 503.
 MAX_PENDING_VERIFICATIONS = 32
 
 
 def format_target(host: str, port: int) -> str:
+    """host:port for logs and messages; userinfo a client put in its target is
+    never repeated (it may be a credential)."""
+    if "@" in host:
+        host = "(userinfo withheld)@" + host.rpartition("@")[2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -109,8 +115,10 @@ class ClientConnection(asyncio.Protocol):
         "cert",
         "client_ip",
         "identity",
+        "lingering",
         "listener",
         "need_proxy_header",
+        "over_limit",
         "peer",
         "relay",
         "task",
@@ -132,6 +140,15 @@ class ClientConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         self.need_proxy_header = listener.proxy_protocol
+        self.lingering = False
+        self.over_limit: tuple[str, str] | None = None
+        if listener.ssl is not None:
+            # The event loop creates this protocol when it accepts and calls
+            # connection_made only after the TLS handshake: the handshake already
+            # counts as a pending head (limits, fd budget, head_timeout).
+            self.over_limit = relay.admission()
+            if self.over_limit is None:
+                self.enter_pending()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -154,18 +171,22 @@ class ClientConnection(asyncio.Protocol):
             )
             self.transport.abort()  # type: ignore[union-attr]
             return
-        limits = relay.settings.limits
-        if len(relay.pending) >= limits.max_pending_heads:
-            self.refuse(503, "too_many_pending", "too many connections without a request head")
-            return
-        if relay.fd_exhausted():
-            self.refuse(503, "fd_limit", "relay is at its open-file limit; retry shortly")
-            return
+        if self.listener.ssl is None:
+            self.over_limit = relay.admission()
+            if self.over_limit is None:
+                self.enter_pending()
+        if self.over_limit is not None:
+            self.refuse(503, *self.over_limit)
+
+    def enter_pending(self) -> None:
+        relay = self.relay
         relay.pending.add(self)
         relay.metrics.pending_heads.inc()
-        self.timer = relay.loop.call_later(limits.head_timeout, self.head_timeout)
+        self.timer = relay.loop.call_later(relay.settings.limits.head_timeout, self.head_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return  # refused: the client's remaining bytes are read and dropped
         buf: bytes | bytearray
         if not self.buf:
             buf = self.buf = data
@@ -262,6 +283,7 @@ class ClientConnection(asyncio.Protocol):
         relay.log(
             "request",
             client=self.peer,
+            listener=self.listener.name,
             identity=self.identity or None,
             target=target,
             allowed=False,
@@ -280,9 +302,20 @@ class ClientConnection(asyncio.Protocol):
                 transport.write(tlspeek.ALERT_ACCESS_DENIED)
             elif status >= 500:
                 transport.write(tlspeek.ALERT_INTERNAL_ERROR)
-            transport.close()
+            if transport.can_write_eof():
+                # Lingering close: closing with unread input would make the kernel
+                # send a reset that can destroy the answer before the client reads
+                # it. Send FIN, drop what the client still sends, close on its EOF.
+                transport.write_eof()
+                self.lingering = True
+                transport.resume_reading()
+                self.timer = relay.loop.call_later(LINGER_TIMEOUT, transport.close)
+            else:
+                transport.close()
 
     def eof_received(self) -> bool:
+        if self.lingering:
+            return False
         if self.task is None:
             # The client gave up before sending a complete head: nothing to answer.
             self.end_head_phase()
@@ -290,6 +323,9 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.end_head_phase()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         task = self.task
         if task is not None and not task.done():
             task.cancel()  # the client went away while the relay was dialling
@@ -318,6 +354,7 @@ class Relay:
         # the event loop's default executor (DNS) or the memory.
         self.auth_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
         self.verifying = 0
+        self.dialing = 0
         self.per_client: dict[str, int] = {}
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.dialers: dict[str, Dialer] = make_dialers(
@@ -536,11 +573,15 @@ class Relay:
 
     # --- requests ------------------------------------------------------------
 
-    def fd_exhausted(self) -> bool:
-        """True when accepting one more client could run the process out of
-        file descriptors (each tunnel holds two, each pending head one)."""
-        used = len(self.pending) + 2 * (len(self.tasks) + len(self.tunnels))
-        return used + FD_RESERVE >= self.fd_limit
+    def admission(self) -> tuple[str, str] | None:
+        """(reason, detail) when a new connection must be refused at once."""
+        if len(self.pending) >= self.settings.limits.max_pending_heads:
+            return "too_many_pending", "too many connections without a request head"
+        # Each tunnel (or dial in progress) holds two descriptors, a pending head one.
+        used = len(self.pending) + 2 * (self.dialing + len(self.tunnels))
+        if used + FD_RESERVE >= self.fd_limit:
+            return "fd_limit", "relay is at its open-file limit; retry shortly"
+        return None
 
     def on_request(self, conn: ClientConnection, request: connect.ConnectRequest) -> None:
         auth = self.auth
@@ -621,7 +662,7 @@ class Relay:
         limits = settings.limits
         if (
             limits.max_tunnels is not None
-            and len(self.tasks) + len(self.tunnels) >= limits.max_tunnels
+            and self.dialing + len(self.tunnels) >= limits.max_tunnels
         ):
             conn.refuse(
                 503,
@@ -651,6 +692,7 @@ class Relay:
             conn.refuse(403, "route_denied", f"egress.routes refuse {target}", (), target)
             return
         self.per_client[identity] = per_client + 1
+        self.dialing += 1
         konnect = pol.konnect_rule(host) is not None
         conn.task = self.spawn(
             self.open_tunnel(
@@ -715,6 +757,7 @@ class Relay:
                 self.log(
                     "request",
                     client=conn.peer,
+                    listener=conn.listener.name,
                     identity=identity,
                     target=target,
                     allowed=True,
@@ -752,6 +795,7 @@ class Relay:
             self.log(
                 "request",
                 client=conn.peer,
+                listener=conn.listener.name,
                 identity=identity,
                 target=target,
                 allowed=True,
@@ -764,6 +808,7 @@ class Relay:
                 **extra,
             )
         finally:
+            self.dialing -= 1
             if not opened:
                 self.release(identity)
 
@@ -811,7 +856,8 @@ class Relay:
             "tunnel_closed",
             tunnel=tunnel.id,
             client=tunnel.client,
-            target=format_target(host, tunnel.port),
+            listener=tunnel.listener,
+            target=format_target(tunnel.host, tunnel.port),
             egress=tunnel.egress,
             bytes_up=tunnel.bytes_up,
             bytes_down=tunnel.bytes_down,

@@ -35,7 +35,7 @@ PHRASES = {
     403: "Forbidden",
     405: "Method Not Allowed",
     407: "Proxy Authentication Required",
-    414: "Request-URI Too Long",  # http.HTTPStatus's phrase (RFC 9110 says "URI Too Long")
+    414: "URI Too Long",  # RFC 9110 §15.5.15
     431: "Request Header Fields Too Large",
     505: "HTTP Version Not Supported",
 }

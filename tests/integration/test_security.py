@@ -1054,6 +1054,7 @@ def test_allowed_cidrs_pin_addresses(
             assert reply.data.endswith(b"resolves to 127.0.0.1, outside resolver.allowed_cidrs\n")
         else:
             assert event["reason"] == "konnect"
+        assert accepted.wait_for(dialled)
         assert accepted[0] == dialled
 
 
@@ -1109,11 +1110,6 @@ def test_max_tunnels_per_client(spawn: Spawn) -> None:
         other.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Relay.admit counts the running authenticate() task in len(self.tasks), "
-    "so a first (uncached) authenticated request sees one tunnel too many",
-)
 def test_max_tunnels_with_uncached_auth(spawn: Spawn) -> None:
     """max_tunnels: 1 with proxy auth: the first tunnel of a client whose header is
     not yet cached must still be admitted."""
@@ -1352,29 +1348,23 @@ def test_haproxy_in_front(spawn: Spawn, tmp_path: Path, send_proxy: str) -> None
             proc.communicate(timeout=WAIT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a listener with both tls: and proxy_protocol: hands the PROXY header to "
-    "the TLS handshake (create_server(ssl=...)), so no client can ever connect",
-)
-def test_proxy_protocol_on_tls_listener(
-    spawn: Spawn, certs: Certs, listener_certs: ListenerCerts
+def test_proxy_protocol_on_tls_listener_is_a_config_error(
+    tmp_path: Path, listener_certs: ListenerCerts
 ) -> None:
-    """An L4 balancer (e.g. an NLB with PROXY v2) in front of a TLS listener sends
-    the PROXY header in clear, then the client's TLS."""
-    with tcp_peer(hold) as (port, _):
-        listen = tls_listen(listener_certs)
-        listen.update(proxy_protocol=True, trusted_proxies=["127.0.0.0/8"])
-        relay = spawn(
-            relay_config(listen=[listen], resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}})
-        )
-        ctx = ssl.create_default_context(cafile=str(certs.ca_file))
-        raw = dial(relay.proxy)
-        raw.sendall(proxy_v2("10.9.8.7", 5555))
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(connect_head(f"{RAW_HOST}:443"))
-            assert read_head(tls) == b"HTTP/1.1 200 Connection established\r\n\r\n"
-        assert relay.request_event("10.9.8.7:5555")["status"] == 200
+    """The PROXY header precedes the TLS handshake, which the TLS listener would
+    read as a ClientHello: the combination is refused at load with the reason."""
+    listen = tls_listen(listener_certs)
+    listen.update(proxy_protocol=True, trusted_proxies=["127.0.0.0/8"])
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(relay_config(listen=[listen])))
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 3,
+    )
+    assert proc.returncode == 1
+    assert "listen.0: proxy_protocol with tls is not supported" in proc.stderr
 
 
 # ===========================================================================================
@@ -1461,12 +1451,6 @@ def test_fd_exhaustion_by_tls_handshakes_is_refused_and_counted(
     assert 'konnect_relay_requests_denied_total{reason="fd_limit"}' in metrics
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ClientConnection.refuse writes the answer and closes at once; when the "
-    "client's request is still unread (a refusal in connection_made) the kernel "
-    "sends RST, which discards the 503 at the client",
-)
 def test_refusal_reaches_client_that_sent_early(spawn: Spawn) -> None:
     """Kong writes its CONNECT as soon as TCP connects. A connection the relay
     refuses as it accepts it (max_pending_heads, fd_limit) has that request

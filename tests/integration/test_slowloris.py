@@ -15,8 +15,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pytest
-
 from tests.conftest import RAW_HOST, WAIT, Certs, relay_config
 from tests.integration.test_security import (
     ListenerCerts,
@@ -222,12 +220,6 @@ def test_flood_on_tls_listener_does_not_delay_a_tunnel(
     assert min(times) < SETUP_BUDGET, times
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a TLS listener's connections are not pending heads until the handshake "
-    "ends (create_server(ssl=...) calls connection_made afterwards), so "
-    "limits.max_pending_heads does not bound idle TLS clients",
-)
 def test_max_pending_heads_counts_tls_handshakes(
     spawn: Spawn,
     certs: Certs,

@@ -70,13 +70,30 @@ def recv_all(sock: socket.socket) -> bytes:
     return bytes(out)
 
 
+class AcceptCount(list[int]):
+    """``[n]``: connections a tcp_peer accepted; ``wait_for`` blocks until n is reached."""
+
+    def __init__(self) -> None:
+        super().__init__([0])
+        self.cond = threading.Condition()
+
+    def bump(self) -> None:
+        with self.cond:
+            self[0] += 1
+            self.cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float = WAIT) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self[0] >= n, timeout)
+
+
 @contextmanager
-def tcp_peer(handler: Callable[[socket.socket], None]) -> Iterator[tuple[int, list[int]]]:
+def tcp_peer(handler: Callable[[socket.socket], None]) -> Iterator[tuple[int, AcceptCount]]:
     """A plain TCP server on loopback running ``handler`` per connection in a
     thread; yields (port, accept_count_box)."""
     srv = socket.create_server(("127.0.0.1", 0))
     srv.settimeout(WAIT)
-    accepted = [0]
+    accepted = AcceptCount()
     stop = threading.Event()
     threads: list[threading.Thread] = []
 
@@ -86,7 +103,7 @@ def tcp_peer(handler: Callable[[socket.socket], None]) -> Iterator[tuple[int, li
             if not r:
                 continue
             conn, _ = srv.accept()
-            accepted[0] += 1
+            accepted.bump()
             conn.settimeout(WAIT)
             t = threading.Thread(target=_run, args=(conn,), daemon=True)
             threads.append(t)
