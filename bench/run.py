@@ -463,7 +463,9 @@ def run_bulk(
 ) -> dict[str, Any]:
     per_tunnel = prof.bulk_bytes // tunnels
     args = ["--dir", direction, "--tunnels", str(tunnels), "--bytes", str(per_tunnel)]
-    return run_loadgen(target, "bulk", args, prof.run_timeout, sink.pid)
+    record = run_loadgen(target, "bulk", args, prof.run_timeout, sink.pid)
+    record["bytes_per_cpu_s"] = per_cpu_second(record["bytes_per_s"], record["proxy_cpu"])
+    return record
 
 
 def run_setup(target: Target, sink: Sink, prof: Profile, concurrency: int) -> dict[str, Any]:
@@ -471,7 +473,15 @@ def run_setup(target: Target, sink: Sink, prof: Profile, concurrency: int) -> di
     record = run_loadgen(target, "setup", args, prof.run_timeout, sink.pid)
     if record["errors"]:
         raise BenchError(f"{target.name} setup c={concurrency}: {record['errors']} failed tunnels")
+    record["tunnels_per_cpu_s"] = per_cpu_second(record["tunnels_per_s"], record["proxy_cpu"])
     return record
+
+
+def per_cpu_second(rate: float, cpu: float | None) -> float | None:
+    """Work per second of proxy CPU: comparable across proxies when something
+    else on the machine took part of the proxy's core (process CPU time only,
+    so kernel softirq work the proxy causes is not in the denominator)."""
+    return rate / cpu if cpu else None
 
 
 def run_idle(target: Target, sink: Sink, prof: Profile) -> dict[str, Any]:
@@ -524,10 +534,12 @@ def median_record(runs: Sequence[dict[str, Any]], keep_runs: bool = True) -> dic
     out: dict[str, Any] = {}
     for key, first in runs[0].items():
         values = [r[key] for r in runs]
-        if isinstance(first, bool) or first is None:
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        if numbers and all(v is None or v in numbers for v in values):
+            # A None among numbers is a reading too short to measure: skip it.
+            out[key] = statistics.median(numbers)
+        elif isinstance(first, bool) or first is None:
             out[key] = first
-        elif isinstance(first, int | float):
-            out[key] = statistics.median(values)
         elif isinstance(first, list) and first and isinstance(first[0], dict):
             out[key] = [median_record([v[i] for v in values], False) for i in range(len(first))]
         elif isinstance(first, list):
@@ -555,6 +567,8 @@ RECORD_FIELDS = frozenset(
         "proxy_cpu",
         "load_cpu",
         "core_busy",
+        "bytes_per_cpu_s",
+        "tunnels_per_cpu_s",
     }
 )
 
@@ -757,6 +771,13 @@ def fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
+def fmt_cores(busy: Sequence[float]) -> str:
+    """Busy share of the proxy's core and the load's core, "97/64%"."""
+    if len(busy) <= max(PROXY_CORE, LOAD_CORE):
+        return "-"
+    return f"{100 * busy[PROXY_CORE]:.0f}/{100 * busy[LOAD_CORE]:.0f}%"
+
+
 def fmt_num(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
@@ -766,6 +787,7 @@ SETUP_ROWS = (
     ("p50 ms", "p50_ms"),
     ("p99 ms", "p99_ms"),
     ("proxy CPU", "proxy_cpu"),
+    ("cores busy", "core_busy"),
 )
 
 
@@ -774,6 +796,8 @@ def setup_cell(key: str, record: dict[str, Any]) -> str:
         return fmt_num(record[key])
     if key == "proxy_cpu":
         return fmt_pct(record[key])
+    if key == "core_busy":
+        return fmt_cores(record[key])
     return f"{record[key]:.3f}"
 
 
@@ -800,13 +824,15 @@ def to_markdown(results: dict[str, Any]) -> str:
     if noisy > NOISY_BACKGROUND:
         out += [
             f"**Warning:** other processes kept a core {100 * noisy:.0f}% busy around this run; "
-            "absolute figures are low and noisy (ratios from the same run still compare).",
+            "absolute figures are low and noisy; ratios from the same run, and the per "
+            "CPU-second ratios most of all, still compare.",
             "",
         ]
     size = meth["bulk_bytes_per_figure"]
     size_text = f"{size / (1 << 30):g} GiB" if size >= 1 << 30 else f"{size / (1 << 20):g} MiB"
     out += [
-        f"Bulk throughput, MB/s ({size_text} per figure) · proxy CPU share · load core busy",
+        f"Bulk throughput ({size_text} per figure): MB/s · proxy process CPU share · "
+        f"busy share of core {meth['proxy_core']} (proxy) / core {meth['load_core']} (load)",
         "",
         head.rstrip("\n"),
     ]
@@ -819,10 +845,9 @@ def to_markdown(results: dict[str, Any]) -> str:
                 if r is None:
                     cells.append("-")
                     continue
-                core = r["core_busy"][LOAD_CORE] if len(r["core_busy"]) > LOAD_CORE else None
                 cells.append(
                     f"{fmt_num(r['bytes_per_s'] / 1e6)} · {fmt_pct(r['proxy_cpu'])}"
-                    f" · {fmt_pct(core)}"
+                    f" · {fmt_cores(r['core_busy'])}"
                 )
             plural = "s" if tunnels > 1 else ""
             out.append(f"| {label}, {tunnels} tunnel{plural} | " + " | ".join(cells) + " |")
@@ -874,10 +899,13 @@ def ratio_lines(figs: dict[str, dict[str, Any]]) -> list[str]:
 
     rows = (
         ("1-tunnel upload", "bulk_up_1", "bytes_per_s"),
+        ("1-tunnel upload per proxy CPU-second", "bulk_up_1", "bytes_per_cpu_s"),
         ("1-tunnel download", "bulk_down_1", "bytes_per_s"),
+        ("1-tunnel download per proxy CPU-second", "bulk_down_1", "bytes_per_cpu_s"),
         ("8-tunnel upload", "bulk_up_8", "bytes_per_s"),
         ("8-tunnel download", "bulk_down_8", "bytes_per_s"),
         ("setup rate c=64", "setup_c64", "tunnels_per_s"),
+        ("setup rate c=64 per proxy CPU-second", "setup_c64", "tunnels_per_cpu_s"),
         ("p99 at c=1 (lower is better)", "setup_c1", "p99_ms"),
         ("KB per idle tunnel (lower is better)", "idle", "kb_per_tunnel"),
     )
