@@ -109,6 +109,7 @@ class Resolver:
     __slots__ = (
         "_cache",
         "_dns",
+        "_verdicts",
         "allow_private",
         "allowed_networks",
         "cache_ttl",
@@ -136,6 +137,7 @@ class Resolver:
         # (address, port) pairs this relay listens on, for the loop guard; an
         # unspecified address stands for every local address.
         self.listening: set[tuple[str, int]] = set()
+        self._verdicts: dict[str, tuple[IPAddress, str | None, bool]] = {}
         self._cache: dict[str, tuple[float, tuple[tuple[int, str], ...]]] = {}
 
     async def resolve(self, host: str, port: int) -> list[Endpoint]:
@@ -147,7 +149,7 @@ class Resolver:
         addrs = await self._lookup(host)
         endpoints, refused, unpinned = [], [], []
         for family, address in addrs:
-            ip = ipaddress.ip_address(address)
+            ip, kind, pinned = self._verdict(address)
             if self.listening and self.is_self(ip, port):
                 raise ResolveError(
                     "loop",
@@ -155,10 +157,9 @@ class Resolver:
                     "an address this relay listens on",
                     status=403,
                 )
-            kind = None if self.allow_private else special_purpose(ip)
             if kind is not None:
                 refused.append(f"{address} ({kind})")
-            elif self.allowed_networks and not any(ip in n for n in self.allowed_networks):
+            elif not pinned:
                 unpinned.append(address)
             else:
                 endpoints.append(Endpoint(family, address, port))
@@ -175,6 +176,19 @@ class Resolver:
                 status=403,
             )
         return interleave(endpoints)
+
+    def _verdict(self, address: str) -> tuple[IPAddress, str | None, bool]:
+        """(parsed address, non-public kind or None, inside allowed_cidrs): the same
+        for every lookup of an address under one config, so computed once."""
+        verdict = self._verdicts.get(address)
+        if verdict is None:
+            ip = ipaddress.ip_address(address)
+            kind = None if self.allow_private else special_purpose(ip)
+            pinned = not self.allowed_networks or any(ip in n for n in self.allowed_networks)
+            if len(self._verdicts) >= MAX_CACHE_ENTRIES:
+                self._verdicts.clear()
+            verdict = self._verdicts[address] = (ip, kind, pinned)
+        return verdict
 
     def is_self(self, ip: IPAddress, port: int) -> bool:
         """Would dialling ip:port reach one of this relay's own listeners?

@@ -114,6 +114,7 @@ class ClientConnection(asyncio.Protocol):
         "buf",
         "cert",
         "client_ip",
+        "expired",
         "identity",
         "lingering",
         "listener",
@@ -141,6 +142,7 @@ class ClientConnection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.need_proxy_header = listener.proxy_protocol
         self.lingering = False
+        self.expired = False
         self.over_limit: tuple[str, str] | None = None
         if listener.ssl is not None:
             # The event loop creates this protocol when it accepts and calls
@@ -254,6 +256,12 @@ class ClientConnection(asyncio.Protocol):
         )
         self.relay.admit(self, request)
 
+    def expire(self) -> None:
+        """limits.connect_timeout passed while dialling: stop the dial."""
+        self.expired = True
+        if self.task is not None:
+            self.task.cancel()
+
     def end_head_phase(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -346,6 +354,7 @@ class Relay:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.log = log if log is not None else EventLog()
+        self.log.loop = self.loop
         self.metrics = Metrics()
         self.resolver = self._make_resolver(settings)
         self.auth = settings.auth
@@ -563,6 +572,7 @@ class Relay:
             task.cancel()
         self.auth_executor.shutdown(wait=False, cancel_futures=True)
         self.log("stopped")
+        self.log.flush()
         self.stopped.set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -730,22 +740,11 @@ class Relay:
             extra["would_deny_detail"] = decision.detail
         opened = False
         try:
+            # Not asyncio.timeout(): a timer that cancels this task is cheaper,
+            # and a flag tells the timeout from the client going away.
+            timer = self.loop.call_later(self.settings.limits.connect_timeout, conn.expire)
             try:
-                async with asyncio.timeout(self.settings.limits.connect_timeout):
-                    dialled = await dialer.dial(host, port, pending)
-            except TimeoutError:
-                timeout = self.settings.limits.connect_timeout
-                self._dial_failed(
-                    conn,
-                    dialer,
-                    target,
-                    started,
-                    504,
-                    "timeout",
-                    f"connect to {target} timed out after {timeout:g} s",
-                    extra,
-                )
-                return
+                dialled = await dialer.dial(host, port, pending)
             except DialError as exc:
                 self._dial_failed(
                     conn, dialer, target, started, exc.status, exc.reason, exc.detail, extra
@@ -754,6 +753,11 @@ class Relay:
             except asyncio.CancelledError:
                 if pending.transport is not None:
                     pending.transport.abort()
+                if conn.expired:
+                    timeout = self.settings.limits.connect_timeout
+                    detail = f"connect to {target} timed out after {timeout:g} s"
+                    self._dial_failed(conn, dialer, target, started, 504, "timeout", detail, extra)
+                    return
                 self.log(
                     "request",
                     client=conn.peer,
@@ -767,8 +771,10 @@ class Relay:
                     **extra,
                 )
                 raise
+            finally:
+                timer.cancel()
             elapsed = self.loop.time() - started
-            self.metrics.connect_seconds.labels(dialer.name).observe(elapsed)
+            self.metrics.connect_time(dialer.name).observe(elapsed)
             client = conn.transport
             if client is None or client.is_closing():
                 dialled.transport.abort()
@@ -832,24 +838,26 @@ class Relay:
 
     def tunnel_opened(self, tunnel: Tunnel) -> None:
         self.tunnels[tunnel.id] = tunnel
-        m, host = self.metrics, tunnel.label
-        m.tunnels_opened.labels(host).inc()
-        m.tunnels_active.labels(host).inc()
+        host = tunnel.label
+        series = self.metrics.host(host)
+        series.opened.inc()
+        series.active.inc()
         last = self.last_closed.get((tunnel.client, host))
         if last is not None and tunnel.opened_mono - last <= self.settings.limits.reconnect_window:
-            m.reconnects.labels(host).inc()
+            series.reconnects.inc()
 
     def tunnel_closed(self, tunnel: Tunnel) -> None:
         if self.tunnels.pop(tunnel.id, None) is None:
             return
-        m, host = self.metrics, tunnel.label
+        host = tunnel.label
+        series = self.metrics.host(host)
         now = time.monotonic()
         reason = tunnel.close_reason or "error"
         self.fold(tunnel)
-        m.tunnels_active.labels(host).dec()
-        m.tunnels_closed.labels(host, reason).inc()
+        series.active.dec()
+        series.closed_by(host, reason).inc()
         duration = now - tunnel.opened_mono
-        m.tunnel_duration.labels(host).observe(duration)
+        series.duration.observe(duration)
         self.last_closed[(tunnel.client, host)] = now
         self.release(tunnel.client)
         self.log(
@@ -870,13 +878,11 @@ class Relay:
     def fold(self, tunnel: Tunnel) -> None:
         """Move a tunnel's byte counts since the last fold into Prometheus."""
         up, down = tunnel.bytes_up, tunnel.bytes_down
-        counter = self.metrics.tunnel_bytes
-        if up != tunnel.folded_up:
-            counter.labels(tunnel.label, "upstream").inc(up - tunnel.folded_up)
-            tunnel.folded_up = up
-        if down != tunnel.folded_down:
-            counter.labels(tunnel.label, "downstream").inc(down - tunnel.folded_down)
-            tunnel.folded_down = down
+        if up != tunnel.folded_up or down != tunnel.folded_down:
+            series = self.metrics.host(tunnel.label)
+            series.up.inc(up - tunnel.folded_up)
+            series.down.inc(down - tunnel.folded_down)
+            tunnel.folded_up, tunnel.folded_down = up, down
 
     def fold_all(self) -> None:
         for tunnel in self.tunnels.values():

@@ -445,6 +445,7 @@ class Supervisor:
             if len(self.held) >= MAX_HELD_LINES:
                 self.release_held()
             return
+        self.log.flush()  # the supervisor's own buffered lines go first
         stream = self.log.stream
         try:
             stream.write(line)
@@ -876,6 +877,7 @@ class Supervisor:
         if self.pid_file:
             Path(self.pid_file).unlink(missing_ok=True)
         self.log("stopped")
+        self.log.flush()
 
 
 async def _main(args: argparse.Namespace) -> int:
