@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     field_validator,
     model_validator,
@@ -69,16 +70,28 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
+    # Duplicates are looked for among the keys written in this mapping only: a
+    # key that overrides one brought in by a "<<" merge is YAML 1.1's intent.
+    first_seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in first_seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first on line {first_seen[key]})",
+                key_node.start_mark,
+            )
+        first_seen[key] = line
+    loader.flatten_mapping(node)  # merged pairs first, so explicit keys win below
     mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in mapping:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark
-            )
-        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping[loader.construct_object(key_node, deep=True)] = loader.construct_object(
+            value_node, deep=True
+        )
     return mapping
 
 
@@ -168,6 +181,17 @@ def _check_user(text: str) -> str:
     return text
 
 
+def _check_workers(value: object) -> int | str:
+    # One validator for the whole union, so an error names "workers" itself
+    # rather than each member type pydantic tried.
+    if value == "auto" or (
+        type(value) is int and 1 <= value <= MAX_WORKERS  # bool is not a count
+    ):
+        return value
+    raise ValueError(f"must be a number of processes 1..{MAX_WORKERS} or auto (got {value!r})")
+
+
+Workers = Annotated[int | str, PlainValidator(_check_workers)]
 CIDR = Annotated[str, AfterValidator(_check_cidr)]
 UserName = Annotated[str, AfterValidator(_check_user)]
 
@@ -396,15 +420,8 @@ class FileConfig(_Strict):
     auth: AuthModel = Field(default_factory=AuthModel)
     clients: list[ClientModel] = Field(default_factory=list)
     clients_only: bool = False
-    workers: int | Literal["auto"] = 1
+    workers: Workers = 1
     reload: ReloadModel = Field(default_factory=ReloadModel)
-
-    @field_validator("workers")
-    @classmethod
-    def _workers(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and not 1 <= value <= MAX_WORKERS:
-            raise ValueError(f"must be 1..{MAX_WORKERS} or auto")
-        return value
 
 
 # --- runtime settings --------------------------------------------------------
@@ -568,7 +585,7 @@ def _message(err: Any) -> str:
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
     if kind.endswith("_type"):
-        expected = kind.removesuffix("_type").replace("dict", "mapping")
+        expected = kind.removesuffix("_type").replace("dict", "mapping").replace("model", "mapping")
         return (
             f"must be {'an' if expected[0] in 'aeiou' else 'a'} {expected} (got {err['input']!r})"
         )

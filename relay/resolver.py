@@ -45,9 +45,12 @@ def special_purpose(ip: IPAddress) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return special_purpose(ip.ipv4_mapped)
-        for net in _NAT64:
-            if ip in net:
-                return special_purpose(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip in _NAT64[0]:
+            return special_purpose(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip in _NAT64[1]:
+            # The local-use prefix admits other prefix lengths (RFC 6052 §2.2), so
+            # where the IPv4 address sits is not known: never treat it as public.
+            return "local-nat"
         if ip in _TEREDO:
             return "teredo"
         if ip in _6TO4:

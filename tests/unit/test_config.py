@@ -105,11 +105,6 @@ def test_section_must_be_mapping(section: str, value: Any) -> None:
     assert line.startswith(f"{section}: must be a "), line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config._message turns pydantic's 'model_type' into 'must be a model'; "
-    "a YAML user should read 'must be a mapping' as for resolver.static",
-)
 @pytest.mark.parametrize(
     ("data", "path"),
     [
@@ -123,12 +118,6 @@ def test_section_type_error_speaks_yaml(data: dict[str, Any], path: str) -> None
     assert errors_of(data) == [f"{path}: must be a mapping (got [])"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="for a union field (workers: int | 'auto') pydantic reports one error per "
-    "member, and _format_errors keeps the member tags in the path: "
-    '"workers.int: ..." and "workers.literal[\'auto\']: ..." name keys that do not exist',
-)
 @pytest.mark.parametrize("value", ["x", True, 1.5])
 def test_union_field_error_names_the_key(value: Any) -> None:
     (line,) = errors_of({"workers": value})
@@ -439,11 +428,6 @@ def test_yaml_without_duplicates_loads() -> None:
     assert parse_yaml(text) == {"limits": {"idle_timeout": 1, "head_timeout": 2}}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_construct_mapping checks duplicates after flatten_mapping, so a key that "
-    "overrides a '<<' merged key (valid YAML 1.1) is refused as a duplicate",
-)
 def test_merge_key_override_is_not_a_duplicate() -> None:
     text = "base: &b {idle_timeout: 1, head_timeout: 2}\nlimits:\n  <<: *b\n  idle_timeout: 5\n"
     assert parse_yaml(text)["limits"] == {"idle_timeout": 5, "head_timeout": 2}

@@ -71,7 +71,9 @@ SPECIAL = [
     ("64:ff9b::a00:1", {"private"}),  # 10.0.0.1
     ("64:ff9b::7f00:1", {"loopback"}),  # 127.0.0.1
     ("64:ff9b::a9fe:a9fe", {"link-local"}),  # 169.254.169.254
-    ("64:ff9b:1::a00:1", {"private"}),
+    # RFC 8215 local-use NAT64 prefix: the embedding is unknown, never public
+    ("64:ff9b:1::a00:1", {"local-nat"}),
+    ("64:ff9b:1:a00:0:1:808:808", {"local-nat"}),
     # 6to4 (RFC 3056): the IPv4 address in bits 16..47
     ("2002:0a00:0001::", {"private"}),  # 10.0.0.1
     ("2002:7f00:0001::1", {"loopback"}),
