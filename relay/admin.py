@@ -87,6 +87,18 @@ def route(relay: Relay, method: str, path: str) -> bytes:
         if relay.draining:
             return _response(503, b"draining\n", "text/plain", head_only)
         return _response(200, b"ready\n", "text/plain", head_only)
+    if path == "/debug/tasks":
+        # For leak checks: what the relay holds besides its tunnels.
+        body = json.dumps(
+            {
+                "relay_tasks": len(relay.tasks),
+                "loop_tasks": len(asyncio.all_tasks(relay.loop)),
+                "dialing": relay.dialing,
+                "pending_heads": len(relay.pending),
+                "tunnels": len(relay.tunnels),
+            }
+        ).encode()
+        return _response(200, body, "application/json", head_only)
     if path == "/tunnels":
         body = json.dumps(tunnels_json(relay), indent=1).encode()
         return _response(200, body, "application/json", head_only)

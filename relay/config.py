@@ -47,6 +47,7 @@ DEFAULT_HEAD_TIMEOUT = 10 * SECONDS
 DEFAULT_DRAIN_TIMEOUT = 25 * SECONDS
 DEFAULT_RECONNECT_WINDOW = 15 * MINUTES
 DEFAULT_CACHE_TTL = 30 * SECONDS
+DEFAULT_DNS_TIMEOUT = 2 * SECONDS  # inside the connect timeout, which covers both
 # Slowloris guard: 2,000 idle half-sent heads must not starve real clients, and
 # each pending head costs one fd and at most 16 KiB.
 DEFAULT_MAX_PENDING_HEADS = 4096
@@ -207,6 +208,7 @@ class ListenModel(_Strict):
     address: Address
     name: str | None = None
     mode: Literal["connect", "sni"] = "connect"
+    target_port: Port | None = None
     tls: TLSModel | None = None
     proxy_protocol: bool = False
     trusted_proxies: list[CIDR] = Field(default_factory=list)
@@ -222,6 +224,8 @@ class ListenModel(_Strict):
                 "proxy_protocol with tls is not supported: the PROXY header precedes the "
                 "TLS handshake; terminate TLS in front of the relay or use a plain listener"
             )
+        if self.target_port is not None and self.mode != "sni":
+            raise ValueError("target_port is for sni listeners (a CONNECT names its port)")
         if self.mode == "sni" and self.tls is not None:
             raise ValueError("an sni listener relays the client's own TLS; it takes no tls:")
         return self
@@ -311,7 +315,7 @@ class ResolverModel(_Strict):
     cache_ttl: Seconds = DEFAULT_CACHE_TTL
     allowed_cidrs: list[CIDR] = Field(default_factory=list)
     nameservers: list[str] = Field(default_factory=list)
-    timeout: PositiveSeconds = DEFAULT_CONNECT_TIMEOUT
+    timeout: PositiveSeconds = DEFAULT_DNS_TIMEOUT
 
     @field_validator("nameservers")
     @classmethod

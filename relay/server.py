@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from relay import config, connect, proxyproto, tlspeek
 from relay.auth import CHALLENGE, AuthError
@@ -29,7 +29,7 @@ from relay.metrics import Metrics
 from relay.notify import notify
 from relay.policy import Decision, Reason
 from relay.resolver import Resolver
-from relay.tunnel import PeekHello, Pending, Tunnel
+from relay.tunnel import HIGH_WATER, PeekHello, Pending, Tunnel
 
 # A tunnel whose transports were asked to close gracefully but still hold
 # unsent bytes for a peer that stopped reading is aborted after this long.
@@ -44,6 +44,8 @@ FD_RESERVE = 64
 # In report mode a tunnel the policy would deny carries this host label, so
 # Prometheus label values stay bounded by the allowlist.
 REPORT_HOST_LABEL = "(would-deny)"
+# Share of limits.connect_timeout a lookup through resolver.nameservers may use.
+DNS_SHARE = 0.75
 # How long a refused client's remaining input is read and dropped before close.
 LINGER_TIMEOUT = 2.0
 # Credential checks queued or running at once before new ones get 503.
@@ -61,13 +63,14 @@ def format_target(host: str, port: int) -> str:
 class Listener:
     """One ``listen:`` entry: its socket options, TLS and PROXY-protocol settings."""
 
-    __slots__ = ("name", "port", "proxy_protocol", "sni", "spec", "ssl", "trusted")
+    __slots__ = ("name", "port", "proxy_protocol", "sni", "spec", "ssl", "target_port", "trusted")
 
     def __init__(self, spec: ListenModel) -> None:
         self.spec = spec
         self.name = spec.name or spec.address
         self.sni = spec.mode == "sni"
         self.port = 0  # the bound port, set once listening
+        self.target_port = spec.target_port  # SNI: the port to dial, if not the bound one
         self.proxy_protocol = spec.proxy_protocol
         self.trusted = tuple(ipaddress.ip_network(c) for c in spec.trusted_proxies)
         self.ssl = tls_server_context(spec.tls) if spec.tls is not None else None
@@ -113,6 +116,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "buf",
         "cert",
+        "client_eof",
         "client_ip",
         "expired",
         "identity",
@@ -143,6 +147,7 @@ class ClientConnection(asyncio.Protocol):
         self.need_proxy_header = listener.proxy_protocol
         self.lingering = False
         self.expired = False
+        self.client_eof = False
         self.over_limit: tuple[str, str] | None = None
         if listener.ssl is not None:
             # The event loop creates this protocol when it accepts and calls
@@ -198,7 +203,12 @@ class ClientConnection(asyncio.Protocol):
             self.buf += data
             buf = self.buf
         if self.task is not None:
-            return  # bytes after the head while dialling: kept for the tunnel
+            # Bytes after the head while dialling are kept for the tunnel. Reading
+            # goes on (so a client that resets is noticed and the dial cancelled)
+            # until the buffer holds a write buffer's worth.
+            if len(buf) >= HIGH_WATER:
+                self.transport.pause_reading()  # type: ignore[union-attr]
+            return
         if self.need_proxy_header:
             try:
                 header = proxyproto.parse(buf)
@@ -227,7 +237,6 @@ class ClientConnection(asyncio.Protocol):
         if request is None:
             return
         self.end_head_phase()
-        self.transport.pause_reading()  # type: ignore[union-attr]
         self.buf = buf[request.head_length :]
         self.relay.on_request(self, request)
 
@@ -237,7 +246,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             hello = tlspeek.parse_client_hello(buf)
         except tlspeek.PeekError as exc:
-            self.refuse(400, "not_tls", f"SNI listener: {exc.detail}")
+            self.refuse(400, exc.reason, f"SNI listener: {exc.detail}")
             return
         if hello is None:
             return
@@ -245,10 +254,9 @@ class ClientConnection(asyncio.Protocol):
             self.refuse(400, "no_sni", "SNI listener: the ClientHello carries no server_name")
             return
         self.end_head_phase()
-        self.transport.pause_reading()  # type: ignore[union-attr]
         request = connect.ConnectRequest(
             host=hello.server_name,
-            port=self.listener.port,
+            port=self.listener.target_port or self.listener.port,
             version="TLS",
             proxy_authorization=None,
             user_agent=None,
@@ -327,7 +335,11 @@ class ClientConnection(asyncio.Protocol):
         if self.task is None:
             # The client gave up before sending a complete head: nothing to answer.
             self.end_head_phase()
-        return False
+            return False
+        # EOF after the head, while dialling: a half-close to forward once the
+        # tunnel is up.
+        self.client_eof = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.end_head_phase()
@@ -370,6 +382,7 @@ class Relay:
             settings, self.resolver, self._egress_state, self._egress_reconnect
         )
         self.listeners: dict[str, tuple[Listener, asyncio.Server]] = {}
+        self._bound: dict[str, tuple[str, int]] = {}  # listener key -> configured address
         self.reuse_port = reuse_port
         self.admin_path = admin_path
         self.tunnels: dict[int, Tunnel] = {}
@@ -396,7 +409,9 @@ class Relay:
             cache_ttl=r.cache_ttl,
             allowed_cidrs=r.allowed_cidrs,
             nameservers=[nameserver_address(n) for n in r.nameservers],
-            timeout=r.timeout,
+            # The connect timeout covers lookup and connect: a lookup must give up
+            # first, or a dead nameserver is reported as a connect timeout.
+            timeout=min(r.timeout, settings.limits.connect_timeout * DNS_SHARE),
         )
 
     def _egress_state(self, name: str, up: bool) -> None:
@@ -431,7 +446,7 @@ class Relay:
             config=self.settings.source,
         )
 
-    async def _bind(self, spec: ListenModel, address: tuple[str, int]) -> None:
+    async def _bind(self, spec: ListenModel, address: tuple[str, int]) -> str:
         listener = Listener(spec)
         server = await self.loop.create_server(
             lambda: ClientConnection(self, listener),
@@ -452,30 +467,62 @@ class Relay:
             self.resolver.listening.add((name[0], name[1]))
             listener.port = name[1]
         self.servers.append(server)
-        self.listeners[spec.model_dump_json()] = (listener, server)
+        key = spec.model_dump_json()
+        self.listeners[key] = (listener, server)
+        self._bound[key] = address
+        return key
 
     # --- reload --------------------------------------------------------------
 
     async def reload(self, path: str | None) -> bool:
-        """Re-read the config. Invalid: keep running on the old one. Valid: swap
-        policy, auth, resolver and changed egresses atomically, rebind changed
-        listeners, re-read TLS files, and close tunnels the new policy denies."""
+        """Re-read the config. Invalid (or its listeners or TLS files unusable):
+        keep running on the old one. Valid: swap policy, auth, resolver and
+        changed egresses atomically, rebind changed listeners, re-read TLS
+        files, and close tunnels the new policy denies."""
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             try:
                 new = config.load(path)
+                await self._apply(new)
             except config.ConfigError as exc:
                 self.metrics.reloads.labels("error").inc()
                 self.log("reload_failed", config=exc.source, errors=exc.errors)
                 return False
-            await self._apply(new)
             self.metrics.reloads.labels("ok").inc()
             return True
         finally:
             notify("READY=1")
 
     async def _apply(self, new: Settings) -> None:
+        """Everything that can fail (TLS files, binding new addresses) happens
+        before anything is swapped; a failure is a ConfigError."""
         old = self.settings
+        wanted = {
+            spec.model_dump_json(): (spec, address)
+            for spec, address in zip(new.raw.listen, new.listen, strict=True)
+        }
+        errors = []
+        for i, spec in enumerate(new.raw.listen):
+            if spec.tls is not None:
+                try:
+                    tls_server_context(spec.tls)
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    errors.append(f"listen.{i}.tls: {exc}")
+        if errors:
+            raise config.ConfigError(errors, new.source)
+        in_use = {address for key, address in self._bound.items() if key in self.listeners}
+        fresh: list[str] = []
+        try:
+            for i, (key, (spec, address)) in enumerate(wanted.items()):
+                if key not in self.listeners and address not in in_use:
+                    try:
+                        fresh.append(await self._bind(spec, address))
+                    except OSError as exc:
+                        raise config.ConfigError([f"listen.{i}: {exc}"], new.source) from None
+        except config.ConfigError:
+            for key in fresh:
+                self._unbind(key)
+            raise
         resolver = self._make_resolver(new)
         resolver.listening = self.resolver.listening
         dialers = make_dialers(new, resolver, self._egress_state, self._egress_reconnect)
@@ -492,41 +539,47 @@ class Relay:
         self.settings, self.resolver, self.dialers, self.auth = new, resolver, kept, new.auth
         for dialer in retired:
             await dialer.close()
-        await self._rebind(new)
-        revoked = self._close_revoked() if new.raw.reload.close_revoked else 0
-        self.log("reloaded", config=new.source, tunnels=len(self.tunnels), revoked=revoked)
-
-    async def _rebind(self, new: Settings) -> None:
-        wanted = {
-            spec.model_dump_json(): (spec, address)
-            for spec, address in zip(new.raw.listen, new.listen, strict=True)
-        }
         for key in list(self.listeners):
             if key not in wanted:
-                listener, server = self.listeners.pop(key)
-                server.close()
-                self.servers.remove(server)
-                for sock in server.sockets:
-                    name = sock.getsockname()
-                    self.resolver.listening.discard((name[0], name[1]))
-                    self.addresses.remove(format_target(name[0], name[1]))
+                self._unbind(key)
         for key, (spec, address) in wanted.items():
-            if key in self.listeners:
-                listener = self.listeners[key][0]
-                if listener.ssl is not None and spec.tls is not None:
-                    # Certificates are re-read in place: new handshakes use them.
-                    listener.ssl.load_cert_chain(spec.tls.cert, spec.tls.key)
-            else:
+            if key not in self.listeners:  # same address as a listener just retired
                 await self._bind(spec, address)
+            elif spec.tls is not None:
+                listener = self.listeners[key][0]
+                assert listener.ssl is not None
+                # Checked above; new handshakes use the new files, live ones keep theirs.
+                listener.ssl.load_cert_chain(spec.tls.cert, spec.tls.key)
+        revoked = self._close_revoked()
+        extra = {}
+        if new.admin != old.admin:
+            extra["admin_unchanged"] = "admin.address changes on restart, not on reload"
+        self.log("reloaded", config=new.source, tunnels=len(self.tunnels), revoked=revoked, **extra)
+
+    def _unbind(self, key: str) -> None:
+        _, server = self.listeners.pop(key)
+        self._bound.pop(key, None)
+        server.close()
+        self.servers.remove(server)
+        for sock in server.sockets:
+            name = sock.getsockname()
+            self.resolver.listening.discard((name[0], name[1]))
+            self.addresses.remove(format_target(name[0], name[1]))
+
+    def _revoked(self, who: tuple[str | None, str | None, str], host: str, port: int) -> bool:
+        """Does the current config revoke this client's tunnel to host:port?"""
+        raw = self.settings.raw
+        if not raw.reload.close_revoked:
+            return False
+        _, pol = self.settings.policy_for(*who)
+        if pol is None:
+            return True
+        return raw.policy_mode == "enforce" and not pol.decide(host, port).allowed
 
     def _close_revoked(self) -> int:
-        enforce = self.settings.raw.policy_mode == "enforce"
         revoked = 0
         for tunnel in list(self.tunnels.values()):
-            user, cert, ip = tunnel.who
-            _, pol = self.settings.policy_for(user, cert, ip)
-            allowed = pol is not None and pol.decide(tunnel.host, tunnel.port).allowed
-            if not allowed and (enforce or pol is None):
+            if self._revoked(tunnel.who, tunnel.host, tunnel.port):
                 tunnel.close("policy_revoked", abort=True)
                 revoked += 1
         return revoked
@@ -730,6 +783,7 @@ class Relay:
     ) -> None:
         target = format_target(host, port)
         identity = conn.identity
+        settings = self.settings
         pending = Pending()
         started = self.loop.time()
         extra: dict[str, Any] = {"rule": decision.rule}
@@ -775,6 +829,18 @@ class Relay:
                 timer.cancel()
             elapsed = self.loop.time() - started
             self.metrics.connect_time(dialer.name).observe(elapsed)
+            who = (conn.user, conn.cert, conn.client_ip)
+            if self.settings is not settings and self._revoked(who, host, port):
+                dialled.transport.abort()  # a reload during the dial denies it now
+                conn.refuse(
+                    403,
+                    "policy_revoked",
+                    f"the reloaded policy denies {target}",
+                    (),
+                    target,
+                    **extra,
+                )
+                return
             client = conn.transport
             if client is None or client.is_closing():
                 dialled.transport.abort()
@@ -786,7 +852,7 @@ class Relay:
                 identity, host, port, dialer.name, self.tunnel_closed, conn.listener.name
             )
             tunnel.label = REPORT_HOST_LABEL if would_deny else host
-            tunnel.who = (conn.user, conn.cert, conn.client_ip)
+            tunnel.who = who
             self.tunnel_opened(tunnel)
             opened = True
             peek = None
@@ -798,6 +864,8 @@ class Relay:
                     self.settings.limits.tls_peek_timeout,
                 )
             tunnel.start(client, dialled.transport, early, pending, dialled.leftover, peek)
+            if conn.client_eof:
+                cast(asyncio.Protocol, client.get_protocol()).eof_received()
             self.log(
                 "request",
                 client=conn.peer,

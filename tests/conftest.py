@@ -216,7 +216,11 @@ class RelayProcess:
         self.seen: list[dict[str, Any]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        first = self.wait_event(lambda e: e["event"] == "listening")
+        try:
+            first = self.wait_event(lambda e: e["event"] == "listening")
+        except AssertionError:
+            self.stop()  # reap the process and close its pipes before failing
+            raise
         host, _, port = first["proxy"][0].rpartition(":")
         self.proxy = (host.strip("[]"), int(port))
         self.proxy_url = f"http://{first['proxy'][0]}"

@@ -254,12 +254,6 @@ def test_nameserver_stopped(start_relay: Callable[..., RelayProcess], tmp_path: 
     assert event["reason"] == "dns_timeout"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resolver.timeout defaults to limits.connect_timeout (4 s both) and the "
-    "dial's timeout wraps the lookup too, so a silent nameserver is reported as a "
-    "connect timeout, never dns_timeout",
-)
 def test_silent_nameserver_with_default_timeouts_is_dns_timeout(
     start_relay: Callable[..., RelayProcess],
 ) -> None:

@@ -309,11 +309,6 @@ def test_removed_host_revokes_live_tunnels(
             assert samples['konnect_relay_config_reloads_total{result="ok"}'] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.Relay._close_revoked only looks at established tunnels: a dial "
-    "started under the old policy completes after the reload and its tunnel stays up",
-)
 def test_dial_in_flight_during_reload_follows_new_policy(
     start_ctl: Callable[..., RelayCtl],
 ) -> None:
@@ -410,12 +405,6 @@ def test_changed_listen_address_rebinds(start_ctl: Callable[..., RelayCtl]) -> N
             assert echoes(live, b"old tunnel still up" * 1000)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.Relay._rebind closes the old listener before binding the new one and "
-    "reload() does not catch the bind's OSError: the relay ends up listening nowhere, "
-    "logs no reload_failed and counts nothing",
-)
 def test_reload_to_busy_address_keeps_old_listener(start_ctl: Callable[..., RelayCtl]) -> None:
     """A listen address that cannot be bound is a failed reload: the relay
     keeps serving on its old listener and counts the error."""
@@ -497,12 +486,6 @@ def test_tls_listener_cert_rotation(
             assert echoes(live, b"old session, old certificate" * 500)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.Relay._rebind loads the new files into the live SSLContext in place: "
-    "on KEY_VALUES_MISMATCH the context keeps the new certificate without a key, every "
-    "new handshake fails, and the ssl.SSLError escapes reload() (no reload_failed)",
-)
 def test_unreadable_tls_files_fail_the_reload(
     start_ctl: Callable[..., RelayCtl], certs: Certs, tmp_path: Path
 ) -> None:

@@ -559,3 +559,31 @@ def test_policy_command_for_sni_targets(tmp_path: Path, target: str, code: int) 
     assert proc.returncode == code, proc.stdout + proc.stderr
     verdict = "allow" if code == 0 else "deny"
     assert proc.stdout.startswith(f"{verdict} {target}\n"), proc.stdout
+
+
+def test_target_port_behind_port_translation(
+    start_relay: Callable[..., RelayProcess], fake_cp: FakeControlPlane, certs: Certs
+) -> None:
+    """An SNI listener bound on a high port (as behind a Service mapping 443 to
+    it) dials the Konnect name on listen[].target_port, not on its own port."""
+    port = free_port()
+    cfg = relay_config(
+        listen=[
+            {"address": "127.0.0.1:0"},
+            {"address": f"127.0.0.1:{port}", "mode": "sni", "target_port": 443},
+        ],
+        resolver={"static": {f"{CP_HOST}:443": f"127.0.0.1:{fake_cp.port}"}},
+    )
+    relay = start_relay(cfg)
+    ctx = certs.client_context()
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw,
+        ctx.wrap_socket(raw, server_hostname=CP_HOST) as tls,
+    ):
+        tls.sendall(WHOAMI.encode())
+        body = b""
+        while chunk := tls.recv(65536):
+            body += chunk
+    assert certs.client_sha256.encode() in body
+    event = relay.wait_event(lambda e: e["event"] == "request" and e.get("status") == 200)
+    assert event["target"] == f"{CP_HOST}:443"
