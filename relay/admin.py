@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -60,7 +60,8 @@ def tunnels_json(relay: Relay) -> list[dict[str, object]]:
     ]
 
 
-def _response(status: int, body: bytes, content_type: str, head_only: bool = False) -> bytes:
+def http_response(status: int, body: bytes, content_type: str, head_only: bool = False) -> bytes:
+    """A complete HTTP/1.1 response that closes the connection."""
     head = (
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
         f"Content-Type: {content_type}\r\n"
@@ -74,19 +75,19 @@ def _response(status: int, body: bytes, content_type: str, head_only: bool = Fal
 def route(relay: Relay, method: str, path: str) -> bytes:
     head_only = method == "HEAD"
     if method not in ("GET", "HEAD"):
-        return _response(405, b"method not allowed\n", "text/plain")
+        return http_response(405, b"method not allowed\n", "text/plain")
     path = path.split("?", 1)[0]
     if path == "/metrics":
         relay.fold_all()
-        return _response(
+        return http_response(
             200, generate_latest(relay.metrics.registry), CONTENT_TYPE_LATEST, head_only
         )
     if path == "/healthz":
-        return _response(200, b"ok\n", "text/plain", head_only)
+        return http_response(200, b"ok\n", "text/plain", head_only)
     if path == "/readyz":
         if relay.draining:
-            return _response(503, b"draining\n", "text/plain", head_only)
-        return _response(200, b"ready\n", "text/plain", head_only)
+            return http_response(503, b"draining\n", "text/plain", head_only)
+        return http_response(200, b"ready\n", "text/plain", head_only)
     if path == "/debug/tasks":
         # For leak checks: what the relay holds besides its tunnels.
         body = json.dumps(
@@ -98,14 +99,21 @@ def route(relay: Relay, method: str, path: str) -> bytes:
                 "tunnels": len(relay.tunnels),
             }
         ).encode()
-        return _response(200, body, "application/json", head_only)
+        return http_response(200, body, "application/json", head_only)
     if path == "/tunnels":
         body = json.dumps(tunnels_json(relay), indent=1).encode()
-        return _response(200, body, "application/json", head_only)
-    return _response(404, b"not found\n", "text/plain", head_only)
+        return http_response(200, body, "application/json", head_only)
+    return http_response(404, b"not found\n", "text/plain", head_only)
 
 
-async def _handle(relay: Relay, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+Route = Callable[[str, str], Awaitable[bytes]]
+
+
+async def handle_request(
+    route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Read one request head (bounded in size and time), answer with
+    ``route(method, path)``, close. Shared by the relay and the supervisor."""
     try:
         async with asyncio.timeout(ADMIN_READ_TIMEOUT):
             head = await reader.readuntil(b"\r\n\r\n")
@@ -114,11 +122,11 @@ async def _handle(relay: Relay, reader: asyncio.StreamReader, writer: asyncio.St
         parts = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             raise ValueError
-        writer.write(route(relay, parts[0], parts[1]))
+        writer.write(await route(parts[0], parts[1]))
     except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        writer.write(_response(408, b"incomplete request\n", "text/plain"))
+        writer.write(http_response(408, b"incomplete request\n", "text/plain"))
     except (ValueError, UnicodeDecodeError):
-        writer.write(_response(400, b"bad request\n", "text/plain"))
+        writer.write(http_response(400, b"bad request\n", "text/plain"))
     except ConnectionError:
         pass
     try:
@@ -132,8 +140,11 @@ async def _handle(relay: Relay, reader: asyncio.StreamReader, writer: asyncio.St
 def _connected(relay: Relay) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
     tasks: set[asyncio.Task[None]] = set()
 
+    async def answer(method: str, path: str) -> bytes:
+        return route(relay, method, path)
+
     def client_connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = relay.loop.create_task(_handle(relay, reader, writer))
+        task = relay.loop.create_task(handle_request(answer, reader, writer))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 

@@ -27,6 +27,16 @@ CONNECT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 DURATION_BUCKETS = (1, 10, 60, 300, 1800, 3600, 6 * 3600, 24 * 3600, 7 * 24 * 3600)
 
 
+def reloads_counter(registry: CollectorRegistry) -> Counter:
+    """Reloads by result; the supervisor owns it when there are workers."""
+    return Counter(
+        "konnect_relay_config_reloads_total",
+        "Configuration reloads by result (ok, error: the old config keeps running)",
+        ["result"],
+        registry=registry,
+    )
+
+
 class HostSeries:
     """The per-host children of the tunnel metrics, looked up once per host:
     ``labels()`` costs microseconds, a dict hit tens of nanoseconds."""
@@ -122,12 +132,7 @@ class Metrics:
             ["egress"],
             registry=r,
         )
-        self.reloads = Counter(
-            "konnect_relay_config_reloads_total",
-            "Configuration reloads by result (ok, error: the old config keeps running)",
-            ["result"],
-            registry=r,
-        )
+        self.reloads = reloads_counter(r)
         self.pending_heads = Gauge(
             "konnect_relay_pending_requests",
             "Connections that have not yet sent a complete request head",
@@ -151,3 +156,27 @@ class Metrics:
         if child is None:
             child = self._connect[egress] = self.connect_seconds.labels(egress)
         return child
+
+
+class SupervisorMetrics:
+    """The supervisor's own families, merged into the aggregated /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.workers = Gauge(
+            "konnect_relay_workers",
+            "Worker processes: configured, up (running), ready (listening)",
+            ["state"],
+            registry=r,
+        )
+        self.restarts = Counter(
+            "konnect_relay_worker_restarts_total",
+            "Workers restarted after an unexpected exit",
+            registry=r,
+        )
+        self.scrape_errors = Counter(
+            "konnect_relay_worker_scrape_errors_total",
+            "Worker admin queries that failed or timed out (their samples are missing)",
+            registry=r,
+        )
+        self.reloads = reloads_counter(r)

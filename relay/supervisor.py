@@ -56,8 +56,6 @@ import yaml
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
-    Gauge,
     disable_created_metrics,
 )
 from prometheus_client import generate_latest as render_latest
@@ -66,10 +64,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from relay import config
-from relay.admin import ADMIN_READ_TIMEOUT, MAX_ADMIN_HEAD
-from relay.admin import _response as http_response
+from relay.admin import MAX_ADMIN_HEAD, handle_request, http_response
 from relay.config import SECONDS, Settings
 from relay.log import EventLog
+from relay.metrics import SupervisorMetrics
 from relay.notify import notify
 
 # A one-off crash costs half a second of one worker's share of new connections.
@@ -221,38 +219,6 @@ def render(families: list[Metric]) -> bytes:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_Snapshot(families))
     return render_latest(registry)
-
-
-class SupervisorMetrics:
-    """The supervisor's own families, merged into the aggregated /metrics."""
-
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.workers = Gauge(
-            "konnect_relay_workers",
-            "Worker processes: configured, up (running), ready (listening)",
-            ["state"],
-            registry=r,
-        )
-        self.restarts = Counter(
-            "konnect_relay_worker_restarts_total",
-            "Workers restarted after an unexpected exit",
-            registry=r,
-        )
-        self.scrape_errors = Counter(
-            "konnect_relay_worker_scrape_errors_total",
-            "Worker admin queries that failed or timed out (their samples are missing)",
-            registry=r,
-        )
-        self.reloads = Counter(
-            "konnect_relay_config_reloads_total",
-            "Configuration reloads by result (ok, error: the old config keeps running)",
-            ["result"],
-            registry=r,
-        )
-
-
-# --- config handed to workers ------------------------------------------------------
 
 
 def load_document(path: str | None) -> tuple[Settings, dict[str, Any]]:
@@ -715,27 +681,7 @@ class Supervisor:
         return http_response(404, b"not found\n", "text/plain", head_only)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(ADMIN_READ_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            if len(head) > MAX_ADMIN_HEAD:
-                raise ValueError
-            parts = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
-            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-                raise ValueError
-            writer.write(await self.route(parts[0], parts[1]))
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            writer.write(http_response(408, b"incomplete request\n", "text/plain"))
-        except (ValueError, UnicodeDecodeError):
-            writer.write(http_response(400, b"bad request\n", "text/plain"))
-        except ConnectionError:
-            pass
-        try:
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+        await handle_request(self.route, reader, writer)
 
     def admin_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.spawn(self.handle(reader, writer))
