@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TextIO, cast
 
-from relay.config import Settings, nameserver_address
+from relay.config import Settings
 from relay.egress import Dialer, DialError, make_dialers
-from relay.resolver import ResolveError, Resolver
+from relay.resolver import ResolveError, Resolver, resolver_for
 
 SECONDS = 1.0
 # Kong's client gives up on every proxy step after 5 s; a DNS lookup or TLS
@@ -454,19 +454,6 @@ class Doctor:
 # --- entry points -------------------------------------------------------------
 
 
-def make_resolver(settings: Settings) -> Resolver:
-    """The resolver the relay builds from the same settings (relay.server)."""
-    r = settings.raw.resolver
-    return Resolver(
-        settings.static,
-        allow_private=settings.allow_private,
-        cache_ttl=settings.cache_ttl,
-        allowed_cidrs=r.allowed_cidrs,
-        nameservers=[nameserver_address(n) for n in r.nameservers],
-        timeout=r.timeout,
-    )
-
-
 def tls_context(cafile: str | None) -> tuple[ssl.SSLContext, str]:
     """A verifying client context (hostname and chain; TLS >= 1.2) and what it trusts."""
     try:
@@ -502,7 +489,7 @@ async def _run(
     timeout: float | None,
     err: TextIO,
 ) -> list[Check]:
-    resolver = make_resolver(settings)
+    resolver = resolver_for(settings)
     dialers = make_dialers(settings, resolver)
     try:
         for dialer in dialers.values():

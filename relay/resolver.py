@@ -13,7 +13,10 @@ import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from relay.config import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -245,6 +248,27 @@ class Resolver:
                 self._cache.clear()
             self._cache[host] = (now + self.cache_ttl, addrs)
         return addrs
+
+
+# Share of limits.connect_timeout a lookup through resolver.nameservers may use:
+# the connect timeout covers lookup and connect, so a lookup must give up first
+# or a dead nameserver would be reported as a connect timeout.
+DNS_SHARE = 0.75
+
+
+def resolver_for(settings: Settings) -> Resolver:
+    """The resolver a relay (or `doctor`) builds from its settings."""
+    from relay.config import nameserver_address
+
+    r = settings.raw.resolver
+    return Resolver(
+        settings.static,
+        allow_private=r.allow_private,
+        cache_ttl=r.cache_ttl,
+        allowed_cidrs=r.allowed_cidrs,
+        nameservers=[nameserver_address(n) for n in r.nameservers],
+        timeout=min(r.timeout, settings.limits.connect_timeout * DNS_SHARE),
+    )
 
 
 def interleave(endpoints: list[Endpoint]) -> list[Endpoint]:

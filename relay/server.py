@@ -22,13 +22,13 @@ from typing import Any, cast
 
 from relay import config, connect, proxyproto, tlspeek
 from relay.auth import CHALLENGE, AuthError
-from relay.config import ListenModel, Settings, TLSModel, nameserver_address
+from relay.config import ListenModel, Settings, TLSModel
 from relay.egress import Dialer, DialError, make_dialers
 from relay.log import EventLog
 from relay.metrics import Metrics
 from relay.notify import notify
 from relay.policy import Decision, Reason
-from relay.resolver import Resolver
+from relay.resolver import resolver_for
 from relay.tunnel import HIGH_WATER, PeekHello, Pending, Tunnel
 
 # A tunnel whose transports were asked to close gracefully but still hold
@@ -44,8 +44,6 @@ FD_RESERVE = 64
 # In report mode a tunnel the policy would deny carries this host label, so
 # Prometheus label values stay bounded by the allowlist.
 REPORT_HOST_LABEL = "(would-deny)"
-# Share of limits.connect_timeout a lookup through resolver.nameservers may use.
-DNS_SHARE = 0.75
 # How long a refused client's remaining input is read and dropped before close.
 LINGER_TIMEOUT = 2.0
 # Credential checks queued or running at once before new ones get 503.
@@ -368,7 +366,7 @@ class Relay:
         self.log = log if log is not None else EventLog()
         self.log.loop = self.loop
         self.metrics = Metrics()
-        self.resolver = self._make_resolver(settings)
+        self.resolver = resolver_for(settings)
         self.auth = settings.auth
         # argon2 verification costs ~0.3 s of CPU and 64 MiB by design: a small
         # dedicated pool and a cap keep a flood of bad credentials from starving
@@ -399,20 +397,6 @@ class Relay:
         self._empty = asyncio.Event()
 
     # --- lifecycle -----------------------------------------------------------
-
-    @staticmethod
-    def _make_resolver(settings: Settings) -> Resolver:
-        r = settings.raw.resolver
-        return Resolver(
-            settings.static,
-            allow_private=r.allow_private,
-            cache_ttl=r.cache_ttl,
-            allowed_cidrs=r.allowed_cidrs,
-            nameservers=[nameserver_address(n) for n in r.nameservers],
-            # The connect timeout covers lookup and connect: a lookup must give up
-            # first, or a dead nameserver is reported as a connect timeout.
-            timeout=min(r.timeout, settings.limits.connect_timeout * DNS_SHARE),
-        )
 
     def _egress_state(self, name: str, up: bool) -> None:
         self.metrics.egress_up.labels(name).set(int(up))
@@ -523,7 +507,7 @@ class Relay:
             for key in fresh:
                 self._unbind(key)
             raise
-        resolver = self._make_resolver(new)
+        resolver = resolver_for(new)
         resolver.listening = self.resolver.listening
         dialers = make_dialers(new, resolver, self._egress_state, self._egress_reconnect)
         kept: dict[str, Dialer] = {}
