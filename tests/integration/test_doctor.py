@@ -26,6 +26,7 @@ from cryptography import x509
 from relay import config, doctor
 from relay.egress import Dialer, Dialled
 from relay.egress.direct import DirectDialer
+from relay.resolver import resolver_for
 from tests.conftest import (
     CP_HOST,
     RAW_HOST,
@@ -543,7 +544,7 @@ def test_handshake_over_a_transport_uvloop_start_tls_refuses(
     context, trusted = doctor.tls_context(str(certs.ca_file))
 
     async def main() -> tuple[list[doctor.Check], str]:
-        resolver = doctor.make_resolver(settings)
+        resolver = resolver_for(settings)
         dialer = _WrappingDialer(DirectDialer(resolver))
         checker = doctor.Doctor(
             settings, resolver, {"direct": dialer}, context, trusted, WAIT, WAIT
