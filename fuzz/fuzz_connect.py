@@ -39,7 +39,7 @@ def _frame(data: bytes) -> bytes:
     if mode == 2:
         return LINE + b"Proxy-Authorization: Basic " + SECRET + b"\r\n" + rest
     if mode == 3:
-        parts = rest.split(b"\x00", 3) + [b"", b"", b""]
+        parts = [*rest.split(b"\x00", 3), b"", b"", b""]
         return b"%s %s %s\r\n\r\n" % (parts[0], parts[1], parts[2])
     return rest
 

@@ -16,8 +16,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "relay", "tests", "bench"],
-        ["ruff", "format", "--check", "relay", "tests", "bench"],
+        ["ruff", "check", "relay", "tests", "bench", "fuzz"],
+        ["ruff", "format", "--check", "relay", "tests", "bench", "fuzz"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],
