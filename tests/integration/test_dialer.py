@@ -18,7 +18,7 @@ import pytest
 import uvloop
 
 from relay.egress import DialError
-from relay.egress.direct import CONNECTION_ATTEMPT_DELAY, happy_eyeballs
+from relay.egress.direct import CONNECTION_ATTEMPT_DELAY, connect_transport, happy_eyeballs
 from relay.resolver import Endpoint
 from tests.conftest import WAIT
 
@@ -304,3 +304,69 @@ def test_cancel_after_refusals_leaves_no_socket(
     with pytest.raises(TimeoutError):
         run(dial())
     assert not open_sockets() - before
+
+
+# --- connect_transport: the variant the direct dialer uses ---------------------------
+
+
+class _Recorder(asyncio.Protocol):
+    """The protocol handed over to the winner: records what it is given."""
+
+    def __init__(self) -> None:
+        self.made: list[asyncio.BaseTransport] = []
+        self.data = b""
+        self.got: asyncio.Event | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.append(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if self.got is not None:
+            self.got.set()
+
+
+def test_transport_variant_hands_over_to_the_winner(
+    stack: ExitStack,
+    refusing: Callable[[int], Endpoint],
+    hanging: Callable[[int], Endpoint],
+) -> None:
+    """Refused, hanging, then a server that speaks first: the protocol ends up on
+    the third connection exactly once, receives the greeting (held while the
+    attempt was pending), and no other attempt's socket stays open."""
+    srv = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+    good = endpoint(srv)
+    endpoints = [refusing(V4), hanging(V4), good]
+    before = open_sockets()
+    protocol = _Recorder()
+
+    async def dial() -> tuple[str, float]:
+        loop = asyncio.get_running_loop()
+        protocol.got = asyncio.Event()
+        started = time.monotonic()
+        accepted = loop.run_in_executor(None, srv.accept)
+        transport, winner = await connect_transport(endpoints, protocol, delay=0.05)
+        conn, _ = await accepted
+        conn.sendall(b"greeting")
+        await asyncio.wait_for(protocol.got.wait(), WAIT)
+        elapsed = time.monotonic() - started
+        transport.close()
+        conn.close()
+        await asyncio.sleep(0)
+        return str(winner), elapsed
+
+    winner, elapsed = run(dial())
+    assert winner == str(good)
+    assert protocol.data == b"greeting"
+    assert len(protocol.made) == 1
+    assert elapsed < WAIT
+    assert open_sockets() <= before
+
+
+def test_transport_variant_names_every_failure(refusing: Callable[[int], Endpoint]) -> None:
+    endpoints = [refusing(V4), refusing(V6)]
+    with pytest.raises(DialError) as info:
+        run(connect_transport(endpoints, _Recorder(), delay=0.01))
+    assert info.value.reason == "refused"
+    for e in endpoints:
+        assert str(e) in info.value.detail
