@@ -332,8 +332,8 @@ def test_transport_variant_hands_over_to_the_winner(
     hanging: Callable[[int], Endpoint],
 ) -> None:
     """Refused, hanging, then a server that speaks first: the protocol ends up on
-    the third connection exactly once, receives the greeting (held while the
-    attempt was pending), and no other attempt's socket stays open."""
+    the third connection exactly once, receives the server's first bytes, and no
+    other attempt's socket stays open."""
     srv = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
     good = endpoint(srv)
     endpoints = [refusing(V4), hanging(V4), good]
