@@ -16,6 +16,12 @@ Per chunk the hot path does one ``write`` and one integer addition. Counters
 are plain integers that the server folds into Prometheus on scrape and on
 close; idle detection compares counters from a periodic sweep instead of
 stamping a clock per chunk.
+
+A tunnel between two plain TCP sockets that carries bulk data (one direction
+passes ``splice.SWITCH_AFTER`` bytes) leaves the transports: both are paused,
+their write buffers drained, their sockets handed to a ``splice.Link`` that
+moves the bytes inside the kernel. Counters, close reasons, half-close, idle
+timeout and ``close()`` keep their meaning in both modes.
 """
 
 from __future__ import annotations
@@ -25,13 +31,20 @@ import itertools
 import time
 from collections.abc import Callable
 
-from relay import tlspeek
+from relay import splice, tlspeek
 
 # Per-direction write-buffer watermarks. 256 KiB keeps a 10 Gb/s loopback pipe
 # full while bounding a tunnel to ~0.5 MiB of user-space buffering even when a
 # peer stops reading entirely.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+
+# Tunnel.switch_at beyond any real count: this tunnel stays on its transports
+# (TLS, SSH, Unix sockets, no splice here, or the switch was tried once).
+NEVER = 1 << 62
+# Tunnel.switch_at while both transports are paused until their write buffers
+# are empty, just before the switch.
+DRAINING = -1
 
 _ids = itertools.count(1)
 
@@ -55,6 +68,8 @@ class _Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.nbytes += len(data)
         self.peer.write(data)  # type: ignore[union-attr]
+        if self.nbytes >= self.tunnel.switch_at:
+            self.tunnel.begin_splice()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -65,10 +80,18 @@ class _Side(asyncio.Protocol):
         self.peer.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
+        if self.tunnel.switch_at == DRAINING:
+            self.tunnel.complete_splice()  # limits are (0, 0): this buffer is empty
+            return
         self.peer.resume_reading()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.tunnel.side_lost(self, exc)
+
+
+# The protocol a transport gets once its socket was handed to a splice.Link:
+# its (empty, no-op) connection_lost ends the transport without the tunnel.
+_DETACHED = asyncio.Protocol()
 
 
 class Pending(asyncio.Protocol):
@@ -180,6 +203,7 @@ class Tunnel:
         "id",
         "label",
         "last_activity",
+        "link",
         "listener",
         "lost",
         "on_closed",
@@ -187,6 +211,7 @@ class Tunnel:
         "opened_mono",
         "port",
         "seen_bytes",
+        "switch_at",
         "upstream_side",
         "who",
     )
@@ -220,6 +245,9 @@ class Tunnel:
         self.close_reason: str | None = None
         self.closed_at: float | None = None
         self.lost = 0
+        self.link: splice.Link | None = None
+        # A side that has carried this many bytes starts the switch to splice.
+        self.switch_at = NEVER
 
     @property
     def bytes_up(self) -> int:
@@ -247,6 +275,8 @@ class Tunnel:
         client's bytes go through the ClientHello check first."""
         cs, us = self.client_side, self.upstream_side
         cs.peer, us.peer = upstream, client
+        if splice.available() and splice.plain_tcp(client) and splice.plain_tcp(upstream):
+            self.switch_at = splice.SWITCH_AFTER
         cs.connection_made(client)
         upstream.set_protocol(us)
         us.connection_made(upstream)
@@ -286,6 +316,79 @@ class Tunnel:
         ):
             upstream.resume_reading()
 
+    def begin_splice(self) -> None:
+        """Called once, when a side passes SWITCH_AFTER: pause both transports
+        and switch as soon as both write buffers are empty. A tunnel that is
+        closing, half-closed or still peeking stays on its transports."""
+        if self.switch_at == DRAINING:
+            return
+        self.switch_at = NEVER
+        cs, us = self.client_side, self.upstream_side
+        client, upstream = cs.transport, us.transport
+        if (
+            client is None
+            or upstream is None
+            or self.closed_at is not None
+            or cs.eof
+            or us.eof
+            or client.is_closing()
+            or upstream.is_closing()
+            or client.get_protocol() is not cs
+            or upstream.get_protocol() is not us
+        ):
+            return
+        client.pause_reading()
+        upstream.pause_reading()
+        if client.get_write_buffer_size() or upstream.get_write_buffer_size():
+            # With limits (0, 0) a transport calls resume_writing exactly when
+            # its buffer becomes empty (pause_writing first, if it was not
+            # paused already): that is when complete_splice tries again.
+            self.switch_at = DRAINING
+            client.set_write_buffer_limits(0, 0)
+            upstream.set_write_buffer_limits(0, 0)
+            return
+        self.complete_splice()
+
+    def complete_splice(self) -> None:
+        """Hand both sockets to a splice.Link once nothing is buffered. Reading
+        is paused, so every byte read so far has been written: the pipes start
+        from the sockets' own queues and nothing is lost or reordered."""
+        cs, us = self.client_side, self.upstream_side
+        client, upstream = cs.transport, us.transport
+        if client is None or upstream is None or self.closed_at is not None:
+            return
+        if client.is_closing() or upstream.is_closing():
+            return
+        if client.get_write_buffer_size() or upstream.get_write_buffer_size():
+            return  # the other buffer is still draining; its resume_writing calls again
+        self.switch_at = NEVER
+        try:
+            link = splice.Link.take(self, client, upstream, cs, us)
+        except OSError:
+            # No descriptor for the duplicates: carry on with the transports.
+            for transport in (client, upstream):
+                transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+                transport.resume_reading()
+            return
+        for transport in (client, upstream):
+            # Write buffer empty, reading paused: close() only closes the
+            # loop's descriptor; the connection lives on in the duplicate.
+            transport.set_protocol(_DETACHED)
+            transport.close()
+        cs.transport = us.transport = cs.peer = us.peer = None
+        self.link = link
+        link.start()
+
+    def link_eof(self, from_client: bool) -> None:
+        if self.close_reason is None:
+            self.close_reason = "client_eof" if from_client else "upstream_eof"
+
+    def link_closed(self) -> None:
+        self.lost = 2
+        cb, self.on_closed = self.on_closed, None
+        if cb is not None:
+            cb(self)
+
     def side_eof(self, side: _Side) -> None:
         other = self.upstream_side if side is self.client_side else self.client_side
         if self.close_reason is None:
@@ -322,6 +425,9 @@ class Tunnel:
             self.close_reason = "error"
         if self.closed_at is None:
             self.closed_at = time.monotonic()
+        if self.link is not None:
+            self.link.close(abort)
+            return
         for side in (self.client_side, self.upstream_side):
             transport = side.transport
             if transport is not None and not (transport.is_closing() and not abort):
@@ -333,6 +439,8 @@ class Tunnel:
     def idle_for(self, now: float) -> float:
         """Seconds since the sweep last saw a byte move (sweep granularity)."""
         total = self.client_side.nbytes + self.upstream_side.nbytes
+        if self.link is not None:
+            self.link.tidy(now)
         if total != self.seen_bytes:
             self.seen_bytes = total
             self.last_activity = now
