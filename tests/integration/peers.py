@@ -33,6 +33,9 @@ from tests.conftest import WAIT, LoopThread, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROXY_USER, PROXY_PASSWORD = "user", "pass"
+# SIGTERM, then SIGKILL after this: a peer that is still draining a flood
+# (mitmdump, one Python thread) need not finish it.
+STOP_GRACE = 2.0
 
 
 def skip_or_fail(reason: str) -> None:
@@ -174,7 +177,7 @@ class Process:
             family = descendants(proc.pid)
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(WAIT)
+                proc.wait(STOP_GRACE)
             except ProcessLookupError:
                 pass
             except subprocess.TimeoutExpired:
