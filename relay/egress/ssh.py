@@ -140,7 +140,7 @@ class ChannelTransport(asyncio.Transport):
             self._chan.pause_reading()
 
     def is_reading(self) -> bool:
-        return not self._chan._recv_paused
+        return not (self._paused or self._closing)
 
     def get_write_buffer_size(self) -> int:
         return self._chan.get_write_buffer_size()
@@ -161,13 +161,14 @@ class ChannelTransport(asyncio.Transport):
 class ChannelSession(asyncssh.SSHTCPSession[bytes]):
     """Forwards a channel's events to the current asyncio protocol."""
 
-    __slots__ = ("dialer", "link", "protocol", "transport")
+    __slots__ = ("dialer", "ended", "link", "protocol", "transport")
 
     def __init__(self, dialer: SSHDialer, link: _Link, protocol: asyncio.Protocol) -> None:
         self.dialer = dialer
         self.link = link
         self.protocol = protocol
         self.transport: ChannelTransport | None = None
+        self.ended = False
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.transport = ChannelTransport(chan, self)
@@ -189,6 +190,9 @@ class ChannelSession(asyncssh.SSHTCPSession[bytes]):
         self.protocol.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
         if self.transport is not None:
             self.transport.channel_gone()
         link = self.link
@@ -294,6 +298,10 @@ class SSHDialer(Dialer):
             finally:
                 self.link = None
                 self._report(False)
+            # asyncssh ends every channel with its connection; should one have
+            # been missed, its tunnel must not wait for a keepalive to notice.
+            for session in list(link.sessions):
+                session.connection_lost(ConnectionAbortedError("SSH connection closed"))
             self.last_error = describe(link.error, self.model) if link.error else "closed"
             if loop.time() - up_since >= STABLE_AFTER:
                 attempt = 0
