@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,8 @@ class Certs:
         return ctx
 
 
-def _der_sha256(pem: bytes) -> str:
+def cert_sha256(pem: bytes) -> str:
+    """SHA-256 of a PEM certificate's DER form: the fingerprint /whoami reports."""
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.decode())).hexdigest()
 
 
@@ -100,8 +101,47 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
         client_cert=paths["client.pem"],
         client_key=paths["client.key"],
         client_pem=paths["client-full.pem"],
-        server_sha256=_der_sha256(server.cert_chain_pems[0].bytes()),
-        client_sha256=_der_sha256(client.cert_chain_pems[0].bytes()),
+        server_sha256=cert_sha256(server.cert_chain_pems[0].bytes()),
+        client_sha256=cert_sha256(client.cert_chain_pems[0].bytes()),
+    )
+
+
+@dataclass
+class ListenerCerts:
+    """The relay's own TLS listener: its certificate (for ``localhost``), a
+    client certificate from the test CA, and one from a CA nobody trusts."""
+
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+
+@pytest.fixture(scope="session")
+def listener_certs(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> ListenerCerts:
+    d = tmp_path_factory.mktemp("listener")
+    server = certs.ca.issue_cert("localhost", "127.0.0.1")
+    client = certs.ca.issue_cert("dp-7.example.test", common_name="dp-proxy-7")
+    stranger = trustme.CA().issue_cert("dp-8.example.test", common_name="dp-proxy-8")
+    files = {
+        "server.pem": server.cert_chain_pems[0].bytes(),
+        "server.key": server.private_key_pem.bytes(),
+        "client.pem": client.cert_chain_pems[0].bytes(),
+        "client.key": client.private_key_pem.bytes(),
+        "stranger.pem": stranger.cert_chain_pems[0].bytes(),
+        "stranger.key": stranger.private_key_pem.bytes(),
+    }
+    for name, blob in files.items():
+        (d / name).write_bytes(blob)
+    return ListenerCerts(
+        d / "server.pem",
+        d / "server.key",
+        d / "client.pem",
+        d / "client.key",
+        d / "stranger.pem",
+        d / "stranger.key",
     )
 
 
@@ -200,35 +240,94 @@ def fake_cp(certs: Certs, loop_thread: LoopThread) -> Iterator[FakeControlPlane]
 # --- the relay as a subprocess --------------------------------------------------
 
 
-class RelayProcess:
-    """``python -m relay run --config FILE`` with stdout parsed as JSON events."""
+def wait_until(pred: Callable[[], bool], timeout: float = WAIT, what: str = "condition") -> None:
+    """Poll ``pred`` (bounded): for state that no event announces, e.g. a closed fd."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.02)
 
-    def __init__(self, config: dict[str, Any], tmp: Path) -> None:
+
+def address(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` as a socket address."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value}, labels sorted by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+class RelayProcess:
+    """``python -m relay run --config FILE`` with stdout parsed as JSON events.
+
+    ``config`` is written to ``tmp/relay.yaml``. ``command`` replaces the
+    ``python -m relay run --config FILE`` part (the console script, the
+    embedded default); ``args`` are appended to it; ``prefix`` runs it under a
+    wrapper that execs it, so the pid stays the relay's (``prlimit``,
+    ``unshare``); ``env`` replaces the environment. ``pid_file`` adds
+    ``--pid-file tmp/relay.pid`` (for ``konnect-relay reload``) and waits for it.
+    Every raw stdout line is kept in ``lines`` so a test can search the whole
+    log, not only the events it waited for.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        tmp: Path,
+        *,
+        args: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        command: Sequence[str] | None = None,
+        pid_file: bool = False,
+    ) -> None:
         self.config_path = tmp / "relay.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
+        self.pid_file = tmp / "relay.pid"
+        if command is None:
+            command = [sys.executable, "-m", "relay", "run", "--config", str(self.config_path)]
+        if pid_file:
+            args = [*args, "--pid-file", str(self.pid_file)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "run", "--config", str(self.config_path)],
+            [*prefix, *command, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=env,
         )
+        self.lines: list[str] = []
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.seen: list[dict[str, Any]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         try:
             first = self.wait_event(lambda e: e["event"] == "listening")
+            if pid_file:
+                # The pid file is written just after the "listening" line.
+                wait_until(self.pid_file.exists, what="pid file")
         except AssertionError:
             self.stop()  # reap the process and close its pipes before failing
             raise
-        host, _, port = first["proxy"][0].rpartition(":")
-        self.proxy = (host.strip("[]"), int(port))
+        self.proxy = address(first["proxy"][0])
         self.proxy_url = f"http://{first['proxy'][0]}"
         self.admin = first["admin"]
+        # Descriptors at rest, before any client: the fault tests' baseline.
+        self.start_fds = self.open_fds()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            self.lines.append(line)
             try:
                 self.events.put(json.loads(line))
             except json.JSONDecodeError:
@@ -261,6 +360,20 @@ class RelayProcess:
                 return event
             self.seen.append(event)
 
+    def request_event(self, client: str, timeout: float = WAIT) -> dict[str, Any]:
+        """The ``request`` log event of the connection from ``client`` (ip:port)."""
+        return self.wait_event(
+            lambda e: e["event"] == "request" and e.get("client") == client, timeout
+        )
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Every event logged so far and not yet waited for (waits for none)."""
+        while True:
+            try:
+                self.seen.append(self.events.get_nowait())
+            except queue.Empty:
+                return self.seen
+
     def get(self, path: str) -> tuple[int, str]:
         try:
             with urllib.request.urlopen(f"http://{self.admin}{path}", timeout=WAIT) as resp:
@@ -270,14 +383,33 @@ class RelayProcess:
 
     def metrics(self) -> dict[str, float]:
         """Samples of konnect_relay_* as {'name{labels}': value}."""
-        from prometheus_client.parser import text_string_to_metric_families
+        return parse_samples(self.get("/metrics")[1])
 
-        out = {}
-        for family in text_string_to_metric_families(self.get("/metrics")[1]):
-            for s in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}"] = s.value
-        return out
+    def sample(self, name: str, **labels: str) -> float:
+        """One metric sample, 0 when the series does not exist (yet)."""
+        key = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        return self.metrics().get(f"{name}{{{key}}}", 0.0)
+
+    def wait_sample(self, name: str, value: float, **labels: str) -> None:
+        """Poll the admin endpoint until a sample reaches ``value`` (bounded)."""
+        wait_until(lambda: self.sample(name, **labels) == value, what=f"{name}{labels} == {value}")
+
+    def rewrite(self, config: dict[str, Any] | str) -> None:
+        """Replace the config file (a mapping, or YAML text as it is) for a reload."""
+        text = config if isinstance(config, str) else yaml.safe_dump(config)
+        self.config_path.write_text(text)
+
+    def sighup(self) -> None:
+        os.kill(self.proc.pid, signal.SIGHUP)
+
+    def reload_command(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        """``konnect-relay reload --pid-file`` (start with ``pid_file=True``)."""
+        return subprocess.run(
+            [sys.executable, "-m", "relay", "reload", "--pid-file", str(self.pid_file), *extra],
+            capture_output=True,
+            text=True,
+            timeout=WAIT * 2,
+        )
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -303,6 +435,16 @@ class RelayProcess:
         return self.proc.returncode
 
 
+def merge_config(cfg: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """``cfg`` with ``overrides``; a mapping merges into a mapping one level deep."""
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
 def relay_config(**overrides: Any) -> dict[str, Any]:
     """A test config: ephemeral ports, loopback allowed, Konnect names mapped by tests."""
     cfg: dict[str, Any] = {
@@ -312,22 +454,27 @@ def relay_config(**overrides: Any) -> dict[str, Any]:
         "resolver": {"static": {}, "allow_private": True},
         "limits": {"drain_timeout": 2},
     }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
-    return cfg
+    return merge_config(cfg, **overrides)
+
+
+def peer_config(port: int, **overrides: Any) -> dict[str, Any]:
+    """The test config with RAW_HOST leading to a peer on 127.0.0.1:``port``."""
+    return relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}, **overrides)
+
+
+StartRelay = Callable[..., RelayProcess]
 
 
 @pytest.fixture
-def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+def start_relay(tmp_path: Path) -> Iterator[StartRelay]:
+    """``start(config=relay_config(), **options)``: a RelayProcess (options as
+    its keywords), stopped when the test ends."""
     started: list[RelayProcess] = []
 
-    def start(config: dict[str, Any] | None = None) -> RelayProcess:
+    def start(config: dict[str, Any] | None = None, **options: Any) -> RelayProcess:
         sub = tmp_path / f"relay{len(started)}"
         sub.mkdir()
-        relay = RelayProcess(config if config is not None else relay_config(), sub)
+        relay = RelayProcess(config if config is not None else relay_config(), sub, **options)
         started.append(relay)
         return relay
 
@@ -337,7 +484,7 @@ def start_relay(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
 
 
 @pytest.fixture
-def relay(start_relay: Callable[..., RelayProcess], fake_cp: FakeControlPlane) -> RelayProcess:
+def relay(start_relay: StartRelay, fake_cp: FakeControlPlane) -> RelayProcess:
     """A relay whose Konnect names lead to the fake control plane."""
     target = f"127.0.0.1:{fake_cp.port}"
     return start_relay(relay_config(resolver={"static": {CP_HOST: target, TP_HOST: target}}))

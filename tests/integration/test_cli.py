@@ -4,40 +4,22 @@ exit codes and what they print."""
 
 from __future__ import annotations
 
-import queue
 import socket
-import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-from tests.conftest import WAIT, RelayProcess, free_port, relay_config
+from tests.conftest import WAIT, StartRelay, free_port, relay_config
+from tests.helpers import CONSOLE_SCRIPT, ROOT, connect_via, relay_cli, write_config
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_CONFIG = ROOT / "config" / "relay.yaml"
-CONSOLE_SCRIPT = Path(sys.executable).parent / "konnect-relay"
 
 
-def relay_cli(*args: str, script: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the CLI to completion (``konnect-relay`` itself when ``script``)."""
-    if script:
-        if not CONSOLE_SCRIPT.exists():
-            pytest.skip("the konnect-relay console script is not installed in this environment")
-        argv = [str(CONSOLE_SCRIPT), *args]
-    else:
-        argv = [sys.executable, "-m", "relay", *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=WAIT * 3, cwd=ROOT)
-
-
-def write_config(tmp_path: Path, data: Any, name: str = "relay.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
-    return path
+def policy_fields(stdout: str) -> tuple[str, dict[str, str]]:
+    """``konnect-relay policy`` output: the verdict line, then ``name: value`` lines."""
+    first, *rest = stdout.splitlines()
+    return first, {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in rest)}
 
 
 # --- check -------------------------------------------------------------------------
@@ -161,12 +143,11 @@ def test_check_requires_config() -> None:
 def test_policy_allowed(target: str, rule: str) -> None:
     proc = relay_cli("policy", target, script=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0] == f"allow {target}"
-    fields = dict(line.strip().split(":", 1) for line in lines[1:])
-    assert fields["reason"].strip() == "konnect"
-    assert fields["rule"].strip() == rule
-    assert fields["egress"].strip() == "direct"
+    verdict, fields = policy_fields(proc.stdout)
+    assert verdict == f"allow {target}"
+    assert fields["reason"] == "konnect"
+    assert fields["rule"] == rule
+    assert fields["egress"] == "direct"
 
 
 @pytest.mark.parametrize(
@@ -184,10 +165,9 @@ def test_policy_allowed(target: str, rule: str) -> None:
 def test_policy_denied(target: str, reason: str) -> None:
     proc = relay_cli("policy", target, script=True)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0] == f"deny {target}"
-    fields = dict(line.strip().split(":", 1) for line in lines[1:])
-    assert fields["reason"].strip() == reason
+    verdict, fields = policy_fields(proc.stdout)
+    assert verdict == f"deny {target}"
+    assert fields["reason"] == reason
     assert "egress" not in fields
 
 
@@ -228,9 +208,8 @@ def test_policy_honours_config(
     )
     proc = relay_cli("policy", target, "--config", str(path), script=True)
     assert proc.returncode == (0 if verdict == "allow" else 1), proc.stdout + proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0] == f"{verdict} {target}"
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    first, fields = policy_fields(proc.stdout)
+    assert first == f"{verdict} {target}"
     assert fields["reason"] == reason
     assert fields["rule"] == rule
 
@@ -246,33 +225,6 @@ def test_policy_with_invalid_config(tmp_path: Path) -> None:
 # --- run ---------------------------------------------------------------------------
 
 
-class CommandRelay(RelayProcess):
-    """A RelayProcess started with any command line (RelayProcess itself always
-    runs ``python -m relay run --config FILE``)."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-        )
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.seen: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        first = self.wait_event(lambda e: e["event"] == "listening")
-        host, _, port = first["proxy"][0].rpartition(":")
-        self.proxy = (host.strip("[]"), int(port))
-        self.proxy_url = f"http://{first['proxy'][0]}"
-        self.admin = first["admin"]
-
-
-@pytest.fixture
-def running() -> Iterator[list[CommandRelay]]:
-    started: list[CommandRelay] = []
-    yield started
-    for relay in started:
-        relay.stop()
-
-
 def port_is_free(port: int) -> bool:
     """Nothing listens on 127.0.0.1:port (TIME_WAIT leftovers do not count: the
     relay binds with SO_REUSEADDR too)."""
@@ -285,23 +237,21 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def test_run_embedded_default(running: list[CommandRelay]) -> None:
+def test_run_embedded_default(start_relay: StartRelay) -> None:
     busy = [p for p in (3128, 9464) if not port_is_free(p)]
     if busy:
         pytest.skip(f"127.0.0.1:{busy} already in use; the embedded default needs 3128 and 9464")
     if not CONSOLE_SCRIPT.exists():
         pytest.skip("the konnect-relay console script is not installed in this environment")
-    relay = CommandRelay([str(CONSOLE_SCRIPT), "run"])
-    running.append(relay)
+    relay = start_relay(command=[str(CONSOLE_SCRIPT), "run"])  # the written config is unused
     assert relay.proxy == ("127.0.0.1", 3128)
     assert relay.admin == "127.0.0.1:9464"
     assert relay.get("/healthz") == (200, "ok\n")
     assert relay.get("/readyz")[0] == 200
     # The proxy port answers, and the embedded policy refuses what is not Konnect
     # (nothing leaves the machine: the refusal comes before any dial).
-    with socket.create_connection(relay.proxy, timeout=WAIT) as sock:
-        sock.sendall(b"CONNECT evil.com:443 HTTP/1.1\r\nHost: evil.com:443\r\n\r\n")
-        reply = sock.recv(4096)
+    sock, reply = connect_via(relay, "evil.com:443")
+    sock.close()
     assert reply.startswith(b"HTTP/1.1 403 "), reply
     relay.proc.terminate()
     assert relay.proc.wait(WAIT * 3) == 0
@@ -309,10 +259,9 @@ def test_run_embedded_default(running: list[CommandRelay]) -> None:
     assert port_is_free(3128) and port_is_free(9464)
 
 
-def test_run_with_config_file(tmp_path: Path, running: list[CommandRelay]) -> None:
+def test_run_with_config_file(tmp_path: Path, start_relay: StartRelay) -> None:
     path = write_config(tmp_path, relay_config())
-    relay = CommandRelay([sys.executable, "-m", "relay", "run", "--config", str(path)])
-    running.append(relay)
+    relay = start_relay(command=[sys.executable, "-m", "relay", "run", "--config", str(path)])
     assert relay.get("/healthz") == (200, "ok\n")
     relay.proc.terminate()
     assert relay.proc.wait(WAIT * 3) == 0

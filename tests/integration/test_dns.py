@@ -16,23 +16,20 @@ answer each other's queries.
 from __future__ import annotations
 
 import ipaddress
-import queue
 import random
 import select
 import shutil
 import socket
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.conftest import CP_HOST, WAIT, RelayProcess, relay_config
+from tests.conftest import CP_HOST, WAIT, RelayProcess, StartRelay, relay_config
+from tests.helpers import connect_reply
 
 UPSTREAM_NAME = "upstream.test"  # RFC 6761: never delegated, not in /etc/hosts
 DNS_PORT = 53
@@ -40,48 +37,20 @@ DNS_TIMEOUT = 2  # resolv.conf "options timeout:", seconds
 CONNECT_TIMEOUT = 0.5  # the relay's limits.connect_timeout in the timeout test
 
 
-class NamespacedRelay(RelayProcess):
-    """The relay in a private mount namespace with its own /etc/resolv.conf.
-
-    RelayProcess builds its command inside __init__; this repeats only the
-    start-up it needs around a different command line.
-    """
-
-    def __init__(self, config: dict[str, Any], tmp: Path, resolv_conf: Path) -> None:
-        self.config_path = tmp / "relay.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        script = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
-        self.proc = subprocess.Popen(
-            [
-                "unshare",
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                script,
-                "sh",
-                str(resolv_conf),
-                sys.executable,
-                "-m",
-                "relay",
-                "run",
-                "--config",
-                str(self.config_path),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.seen: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        first = self.wait_event(lambda e: e["event"] == "listening")
-        host, _, port = first["proxy"][0].rpartition(":")
-        self.proxy = (host.strip("[]"), int(port))
-        self.proxy_url = f"http://{first['proxy'][0]}"
-        self.admin = first["admin"]
+def in_namespace(resolv_conf: Path) -> list[str]:
+    """A command prefix: run the command in a private mount namespace whose
+    /etc/resolv.conf is ``resolv_conf`` (the shell execs it: the pid stays its own)."""
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"',
+        "sh",
+        str(resolv_conf),
+    ]
 
 
 def namespace_works(resolv_conf: Path) -> str | None:
@@ -90,17 +59,7 @@ def namespace_works(resolv_conf: Path) -> str | None:
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         return "unshare or mount is not installed"
     probe = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            'mount --bind "$1" /etc/resolv.conf && cat /etc/resolv.conf',
-            "sh",
-            str(resolv_conf),
-        ],
+        [*in_namespace(resolv_conf), "cat", "/etc/resolv.conf"],
         capture_output=True,
         text=True,
         timeout=WAIT,
@@ -130,40 +89,26 @@ def nameserver() -> str:
 
 @pytest.fixture
 def namespaced_relay(
-    tmp_path: Path, nameserver: str
-) -> Iterator[Callable[[dict[str, Any]], NamespacedRelay]]:
+    tmp_path: Path, nameserver: str, start_relay: StartRelay
+) -> Callable[[dict[str, Any]], RelayProcess]:
+    """Start relays whose system resolver asks only ``nameserver``."""
     resolv_conf = tmp_path / "resolv.conf"
     resolv_conf.write_text(f"nameserver {nameserver}\noptions timeout:{DNS_TIMEOUT} attempts:1\n")
     reason = namespace_works(resolv_conf)
     if reason is not None:
         pytest.skip(reason)
-    started: list[NamespacedRelay] = []
-
-    def start(config: dict[str, Any]) -> NamespacedRelay:
-        sub = tmp_path / f"relay{len(started)}"
-        sub.mkdir()
-        relay = NamespacedRelay(config, sub, resolv_conf)
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.stop()
+    return lambda config: start_relay(config, prefix=in_namespace(resolv_conf))
 
 
 def connect_and_read(relay: RelayProcess, target: str) -> tuple[bytes, float]:
     """Send a CONNECT, read the whole answer (the relay closes after an error)."""
     started = time.monotonic()
-    with socket.create_connection(relay.proxy, timeout=WAIT) as sock:
-        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        reply = b""
-        while chunk := sock.recv(4096):
-            reply += chunk
+    reply = connect_reply(relay, target)
     return reply, time.monotonic() - started
 
 
 def test_dns_failure_is_502(
-    namespaced_relay: Callable[[dict[str, Any]], NamespacedRelay], nameserver: str
+    namespaced_relay: Callable[[dict[str, Any]], RelayProcess], nameserver: str
 ) -> None:
     relay = namespaced_relay(relay_config(resolver={"static": {CP_HOST: f"{UPSTREAM_NAME}:443"}}))
     reply, elapsed = connect_and_read(relay, f"{CP_HOST}:443")
@@ -184,7 +129,7 @@ def test_dns_failure_is_502(
 
 
 def test_dns_timeout_is_504(
-    namespaced_relay: Callable[[dict[str, Any]], NamespacedRelay], nameserver: str
+    namespaced_relay: Callable[[dict[str, Any]], RelayProcess], nameserver: str
 ) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
         try:

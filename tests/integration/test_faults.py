@@ -18,28 +18,41 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.conftest import RAW_HOST, WAIT, relay_config, require_tool
-from tests.integration.test_reload import (
-    RelayCtl,
-    abort,
-    echo_handler,
-    echoes,
-    is_dead,
-    slow_acceptor,
-    start_dial,
-    tunnel_to,
+from tests.conftest import (
+    RAW_HOST,
+    WAIT,
+    RelayProcess,
+    StartRelay,
+    peer_config,
+    relay_config,
     wait_until,
 )
-from tests.integration.test_tunnels import connect_via, recv_all, recv_exactly, tcp_peer
+from tests.helpers import (
+    ESTABLISHED,
+    ROOT,
+    abort,
+    connect_head,
+    connect_reply,
+    connect_via,
+    echo,
+    echoes,
+    flood,
+    is_dead,
+    nofile_prefix,
+    open_tunnel,
+    recv_all,
+    recv_exactly,
+    slow_acceptor,
+    start_dial,
+    tcp_peer,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
 # The relay's own buffering per direction is one write buffer (256 KiB high
 # water) plus a read chunk; everything else a flood sends sits in kernel
@@ -51,31 +64,11 @@ WAVES, WAVE_SIZE = 10, 500
 WAVES_RSS_BOUND_KIB = 16 * 1024
 
 
-@pytest.fixture
-def start_ctl(tmp_path: Path) -> Iterator[Callable[..., RelayCtl]]:
-    started: list[RelayCtl] = []
-
-    def start(config: dict[str, Any], **kwargs: Any) -> RelayCtl:
-        sub = tmp_path / f"ctl{len(started)}"
-        sub.mkdir()
-        relay = RelayCtl(config, sub, pid_file=False, **kwargs)
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.stop()
-
-
-def to_peer(port: int, **overrides: Any) -> dict[str, Any]:
-    return relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}, **overrides)
-
-
 def active_tunnels(samples: dict[str, float]) -> float:
     return sum(v for k, v in samples.items() if k.startswith("konnect_relay_tunnels_active{"))
 
 
-def assert_clean(relay: RelayCtl, baseline: int) -> None:
+def assert_clean(relay: RelayProcess, baseline: int) -> None:
     """Nothing left behind: fds, tunnels, pending heads (and, when the relay
     serves it, its own task set)."""
     wait_until(lambda: relay.open_fds() == baseline, what=f"relay fd count back at {baseline}")
@@ -90,7 +83,7 @@ def assert_clean(relay: RelayCtl, baseline: int) -> None:
     assert tasks["relay_tasks"] == 0 and tasks["dialing"] == 0, body
 
 
-def baseline(relay: RelayCtl) -> int:
+def baseline(relay: RelayProcess) -> int:
     """The relay's fd count at rest: as it started, once earlier connections
     (a warm-up, admin requests) are fully closed."""
     assert_clean(relay, relay.start_fds)
@@ -100,16 +93,16 @@ def baseline(relay: RelayCtl) -> int:
 # --- peers misbehaving mid-stream ---------------------------------------------------------
 
 
-def test_upstream_resets_mid_stream(start_ctl: Callable[..., RelayCtl]) -> None:
+def test_upstream_resets_mid_stream(start_relay: StartRelay) -> None:
     def reset_after_64k(conn: socket.socket) -> None:
         got = recv_exactly(conn, 64 * 1024)
         conn.sendall(got[:1000])
         abort(conn)
 
     with tcp_peer(reset_after_64k) as (port, _):
-        relay = start_ctl(to_peer(port))
+        relay = start_relay(peer_config(port))
         base = baseline(relay)
-        with tunnel_to(relay.proxy, f"{RAW_HOST}:443") as sock:
+        with open_tunnel(relay) as sock:
             sock.sendall(b"r" * 64 * 1024)
             received = b""
             with suppress(ConnectionResetError):
@@ -126,7 +119,7 @@ def test_upstream_resets_mid_stream(start_ctl: Callable[..., RelayCtl]) -> None:
 
 @pytest.mark.parametrize("peer_ends", ["peer-closes", "peer-hangs"])
 def test_upstream_stops_reading_while_client_floods(
-    start_ctl: Callable[..., RelayCtl], peer_ends: str
+    start_relay: StartRelay, peer_ends: str
 ) -> None:
     """Backpressure bounds the relay's memory; afterwards the tunnel ends either
     because the peer closes (unread data: a reset) or through the idle timeout
@@ -140,22 +133,13 @@ def test_upstream_stops_reading_while_client_floods(
 
     idle = 2.0 if peer_ends == "peer-hangs" else 600
     with tcp_peer(stall) as (port, _):
-        relay = start_ctl(to_peer(port, limits={"idle_timeout": idle, "drain_timeout": 2}))
+        relay = start_relay(peer_config(port, limits={"idle_timeout": idle, "drain_timeout": 2}))
         base = baseline(relay)
-        sock = tunnel_to(relay.proxy, f"{RAW_HOST}:443")
+        sock = open_tunnel(relay)
         rss_before = relay.rss_kib()
-        sent, chunk, limit = 0, b"x" * 65536, 256 * MiB
-        sock.setblocking(False)
-        while sent < limit:
-            _, writable, _ = select.select([], [sock], [], 0.3)
-            if not writable:
-                break  # backpressure reached the client
-            try:
-                sent += sock.send(chunk)
-            except BlockingIOError:
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                break  # the idle timeout already ended it (a very slow machine)
+        limit = 256 * MiB
+        # closed_ok: the idle timeout may already have ended it (a very slow machine).
+        sent = flood(sock, limit, stall=0.3, closed_ok=True)
         rss_after = relay.rss_kib()
         assert sent < limit, "the relay kept reading from the client"
         assert rss_after - rss_before < FLOOD_RSS_BOUND_KIB, (rss_before, rss_after, sent)
@@ -170,9 +154,7 @@ def test_upstream_stops_reading_while_client_floods(
 
 
 @pytest.mark.parametrize("first", ["upstream", "client"])
-def test_half_close_then_a_mebibyte_the_other_way(
-    start_ctl: Callable[..., RelayCtl], first: str
-) -> None:
+def test_half_close_then_a_mebibyte_the_other_way(start_relay: StartRelay, first: str) -> None:
     """One side sends EOF; the other keeps sending 1 MiB, which arrives intact;
     then the tunnel closes and nothing is left behind."""
     payload = bytes(range(256)) * 4096
@@ -191,7 +173,7 @@ def test_half_close_then_a_mebibyte_the_other_way(
 
     handler = upstream_first if first == "upstream" else client_first
     with tcp_peer(handler) as (port, _):
-        relay = start_ctl(to_peer(port))
+        relay = start_relay(peer_config(port))
         base = baseline(relay)
         sock, head = connect_via(relay, f"{RAW_HOST}:443")
         with sock:
@@ -217,9 +199,9 @@ def test_half_close_then_a_mebibyte_the_other_way(
 # --- a client that gives up while the relay dials --------------------------------------
 
 
-def test_client_abort_while_dialling_leaves_nothing(start_ctl: Callable[..., RelayCtl]) -> None:
+def test_client_abort_while_dialling_leaves_nothing(start_relay: StartRelay) -> None:
     with slow_acceptor() as (port, _):
-        relay = start_ctl(to_peer(port, limits={"connect_timeout": 1.5}))
+        relay = start_relay(peer_config(port, limits={"connect_timeout": 1.5}))
         base = baseline(relay)
         abort(start_dial(relay, base))
         event = relay.wait_event(lambda e: e["event"] == "request")
@@ -229,9 +211,9 @@ def test_client_abort_while_dialling_leaves_nothing(start_ctl: Callable[..., Rel
     assert samples.get(f'konnect_relay_tunnels_opened_total{{host="{RAW_HOST}"}}', 0) == 0
 
 
-def test_client_abort_cancels_the_dial_at_once(start_ctl: Callable[..., RelayCtl]) -> None:
+def test_client_abort_cancels_the_dial_at_once(start_relay: StartRelay) -> None:
     with slow_acceptor() as (port, _):
-        relay = start_ctl(to_peer(port, limits={"connect_timeout": 8}))
+        relay = start_relay(peer_config(port, limits={"connect_timeout": 8}))
         base = baseline(relay)
         abort(start_dial(relay, base))
         event = relay.wait_event(lambda e: e["event"] == "request", timeout=2)
@@ -299,11 +281,11 @@ def fake_dns() -> Iterator[tuple[int, list[str]]]:
     ],
 )
 def test_dns_failure_and_timeout(
-    start_ctl: Callable[..., RelayCtl], mode: str, status: int, reason: str
+    start_relay: StartRelay, mode: str, status: int, reason: str
 ) -> None:
     """RAW_HOST maps (resolver.static) to a name only the fake DNS server knows;
     after the failure the server recovers and so does the relay."""
-    with fake_dns() as (dns_port, dns_mode), tcp_peer(echo_handler) as (port, _):
+    with fake_dns() as (dns_port, dns_mode), tcp_peer(echo) as (port, _):
         cfg = relay_config(
             resolver={
                 "static": {RAW_HOST: f"echo.internal.test:{port}"},
@@ -311,21 +293,19 @@ def test_dns_failure_and_timeout(
                 "timeout": 0.5,
             }
         )
-        relay = start_ctl(cfg)
-        with tunnel_to(relay.proxy, f"{RAW_HOST}:443") as sock:
+        relay = start_relay(cfg)
+        with open_tunnel(relay) as sock:
             assert echoes(sock, b"warm-up")
         relay.wait_event(lambda e: e["event"] == "tunnel_closed")
         base = baseline(relay)
         dns_mode[0] = mode
-        sock, head = connect_via(relay, f"{RAW_HOST}:443")
-        with sock:
-            reply = head + recv_all(sock)
+        reply = connect_reply(relay, f"{RAW_HOST}:443")
         assert reply.startswith(f"HTTP/1.1 {status} ".encode()), reply
         event = relay.wait_event(lambda e: e["event"] == "request" and e["status"] == status)
         assert event["reason"] == reason
         assert_clean(relay, base)
         dns_mode[0] = "answer"
-        with tunnel_to(relay.proxy, f"{RAW_HOST}:443") as sock:
+        with open_tunnel(relay) as sock:
             assert echoes(sock, b"recovered")
         relay.wait_event(lambda e: e["event"] == "tunnel_closed")
         assert_clean(relay, base)
@@ -339,10 +319,9 @@ def test_dns_failure_and_timeout(
 NOFILE = 120  # the relay answers 503 once 2 x tunnels + FD_RESERVE (64) reaches it
 
 
-def test_fd_limit_503_then_recovery(start_ctl: Callable[..., RelayCtl]) -> None:
-    require_tool("prlimit")
-    with tcp_peer(echo_handler) as (port, _):
-        relay = start_ctl(to_peer(port), nofile=NOFILE)
+def test_fd_limit_503_then_recovery(start_relay: StartRelay) -> None:
+    with tcp_peer(echo) as (port, _):
+        relay = start_relay(peer_config(port), prefix=nofile_prefix(NOFILE))
         base = baseline(relay)
         tunnels: list[socket.socket] = []
         try:
@@ -365,7 +344,7 @@ def test_fd_limit_503_then_recovery(start_ctl: Callable[..., RelayCtl]) -> None:
                 sock.close()
             for _ in range(5):
                 relay.wait_event(lambda e: e["event"] == "tunnel_closed")
-            with tunnel_to(relay.proxy, f"{RAW_HOST}:443") as again:
+            with open_tunnel(relay) as again:
                 assert echoes(again, b"recovered")
         finally:
             for sock in tunnels:
@@ -376,13 +355,12 @@ def test_fd_limit_503_then_recovery(start_ctl: Callable[..., RelayCtl]) -> None:
     assert samples['konnect_relay_requests_denied_total{reason="fd_limit"}'] == 1
 
 
-def test_real_emfile_is_survived(start_ctl: Callable[..., RelayCtl]) -> None:
+def test_real_emfile_is_survived(start_relay: StartRelay) -> None:
     """Descriptors the relay does not count (admin connections) exhaust the
     process for real: accept() fails with EMFILE. A CONNECT then is closed at
     once (not left hanging), and the relay serves again as soon as fds free up."""
-    require_tool("prlimit")
-    with tcp_peer(echo_handler) as (port, _):
-        relay = start_ctl(to_peer(port), nofile=NOFILE)
+    with tcp_peer(echo) as (port, _):
+        relay = start_relay(peer_config(port), prefix=nofile_prefix(NOFILE))
         base = baseline(relay)
         host, _, admin_port = relay.admin.rpartition(":")
         hogs: list[socket.socket] = []
@@ -400,7 +378,7 @@ def test_real_emfile_is_survived(start_ctl: Callable[..., RelayCtl]) -> None:
             for sock in hogs:
                 sock.close()
         wait_until(lambda: relay.open_fds() == base, what="admin connections closed")
-        with tunnel_to(relay.proxy, f"{RAW_HOST}:443") as sock:
+        with open_tunnel(relay) as sock:
             assert echoes(sock, b"serving again")
         relay.wait_event(lambda e: e["event"] == "tunnel_closed")
         assert_clean(relay, base)
@@ -410,11 +388,11 @@ def test_real_emfile_is_survived(start_ctl: Callable[..., RelayCtl]) -> None:
 # --- idle timeout ------------------------------------------------------------------------
 
 
-def test_idle_timeout_leaves_nothing(start_ctl: Callable[..., RelayCtl]) -> None:
-    with tcp_peer(echo_handler) as (port, _):
-        relay = start_ctl(to_peer(port, limits={"idle_timeout": 0.5}))
+def test_idle_timeout_leaves_nothing(start_relay: StartRelay) -> None:
+    with tcp_peer(echo) as (port, _):
+        relay = start_relay(peer_config(port, limits={"idle_timeout": 0.5}))
         base = baseline(relay)
-        with tunnel_to(relay.proxy, f"{RAW_HOST}:443") as sock:
+        with open_tunnel(relay) as sock:
             assert echoes(sock, b"then silence")
             closed = relay.wait_event(lambda e: e["event"] == "tunnel_closed")
             assert is_dead(sock)
@@ -426,22 +404,21 @@ def test_idle_timeout_leaves_nothing(start_ctl: Callable[..., RelayCtl]) -> None
 
 
 async def _echo_server() -> asyncio.Server:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def echo_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with suppress(ConnectionError):
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
         writer.close()
 
-    return await asyncio.start_server(echo, "127.0.0.1", 0, backlog=WAVE_SIZE * 2)
+    return await asyncio.start_server(echo_stream, "127.0.0.1", 0, backlog=WAVE_SIZE * 2)
 
 
 async def _one_tunnel(proxy: tuple[str, int], n: int) -> bool:
     reader, writer = await asyncio.open_connection(*proxy)
     try:
-        writer.write(f"CONNECT {RAW_HOST}:443 HTTP/1.1\r\nHost: {RAW_HOST}:443\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        if head != b"HTTP/1.1 200 Connection established\r\n\r\n":
+        writer.write(connect_head(f"{RAW_HOST}:443"))
+        if await reader.readuntil(b"\r\n\r\n") != ESTABLISHED:
             return False
         payload = f"tunnel {n} ".encode() * 40
         writer.write(payload)
@@ -452,11 +429,11 @@ async def _one_tunnel(proxy: tuple[str, int], n: int) -> bool:
             await writer.wait_closed()
 
 
-def test_5000_tunnels_in_waves(start_ctl: Callable[..., RelayCtl]) -> None:
+def test_5000_tunnels_in_waves(start_relay: StartRelay) -> None:
     async def run() -> list[int]:
         server = await _echo_server()
         port = server.sockets[0].getsockname()[1]
-        relay = start_ctl(to_peer(port))
+        relay = start_relay(peer_config(port))
         base = await asyncio.to_thread(baseline, relay)
         opened_key = f'konnect_relay_tunnels_opened_total{{host="{RAW_HOST}"}}'
         rss = []

@@ -14,24 +14,21 @@ from __future__ import annotations
 import csv
 import io
 import os
-import queue
 import re
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import RAW_HOST, WAIT, RelayProcess, free_port, relay_config
+from tests.conftest import WAIT, RelayProcess, StartRelay, free_port, peer_config, wait_until
+from tests.helpers import ROOT, echo, echoes, open_tunnel, tcp_peer
 from tests.integration.peers import find_binary
-from tests.integration.test_reload import echo_handler, echoes, tunnel_to, wait_until
-from tests.integration.test_tunnels import tcp_peer
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 CLIENTS = 6
 # Kong waits 5-10 s before it reconnects; the relay layer must be back well before.
@@ -126,7 +123,7 @@ class Client:
         n = 0
         while not stop.is_set():
             try:
-                with tunnel_to(self.target, f"{RAW_HOST}:443") as sock:
+                with open_tunnel(self.target) as sock:
                     sock.settimeout(2.0)
                     self.ports.append(sock.getsockname()[1])
                     while not stop.is_set():
@@ -179,7 +176,7 @@ def fleet() -> Iterator[Fleet]:
 @pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
 def test_failover_through_haproxy(
     haproxy_bin: str,
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
     fleet: Fleet,
     tmp_path: Path,
     stop: str,
@@ -191,12 +188,8 @@ def test_failover_through_haproxy(
     listen = [
         {"address": "127.0.0.1:0", "proxy_protocol": True, "trusted_proxies": ["127.0.0.0/8"]}
     ]
-    with tcp_peer(echo_handler) as (port, _):
-        cfg = relay_config(
-            listen=listen,
-            resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
-            limits={"drain_timeout": DRAIN},
-        )
+    with tcp_peer(echo) as (port, _):
+        cfg = peer_config(port, listen=listen, limits={"drain_timeout": DRAIN})
         relays = [start_relay(cfg), start_relay(cfg)]
         ports = [(r.proxy[1], int(r.admin.rpartition(":")[2])) for r in relays]
         haproxy = HAProxy(haproxy_bin, tmp_path, ports)
@@ -271,9 +264,6 @@ def test_failover_through_haproxy(
 
 def logged_clients(relay: RelayProcess) -> set[str]:
     """Client addresses in the relay's ``request`` lines for tunnels it opened."""
-    while True:
-        try:
-            relay.seen.append(relay.events.get_nowait())
-        except queue.Empty:
-            break
-    return {e["client"] for e in relay.seen if e["event"] == "request" and e.get("status") == 200}
+    return {
+        e["client"] for e in relay.drain() if e["event"] == "request" and e.get("status") == 200
+    }

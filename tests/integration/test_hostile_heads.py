@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from relay.auth import hash_password
-from tests.conftest import CP_HOST, RAW_HOST
-from tests.integration.test_security import LoggedRelay, dial
-from tests.integration.test_tunnels import tcp_peer
+from tests.conftest import CP_HOST, RAW_HOST, RelayProcess, relay_config
+from tests.helpers import MemoryTLS, dial, tcp_peer
 
 T = b"cloud.konghq.com:443"
 USER = "h0stile-user"
@@ -76,14 +75,6 @@ def connect(target: bytes = T, *headers: bytes, version: bytes = b"HTTP/1.1") ->
 
 def auth(value: str) -> bytes:
     return connect(b"cloud.konghq.com:443", b"Proxy-Authorization: " + value.encode() + b"\r\n")
-
-
-def client_hello() -> bytes:
-    ctx = ssl.create_default_context()
-    tls = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname="cloud.konghq.com")
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return out.read()
 
 
 @dataclass(frozen=True)
@@ -341,7 +332,7 @@ CASES = [
     Case("https-version", connect(version=b"HTTPS/1.1"), 400, "bad_request"),
     Case(
         "tls-client-hello",
-        client_hello(),
+        MemoryTLS(ssl.create_default_context(), "cloud.konghq.com").hello(),
         400,
         "tls_on_plaintext_port",
         detail="TLS handshake sent to a plaintext proxy port",
@@ -676,8 +667,8 @@ def test_table_is_large_enough() -> None:
 
 @dataclass
 class Relays:
-    plain: LoggedRelay
-    auth: LoggedRelay
+    plain: RelayProcess
+    auth: RelayProcess
     accepted: list[int]
 
 
@@ -686,27 +677,21 @@ def relays(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relays]:
     with ExitStack() as stack:
         port, accepted = stack.enter_context(tcp_peer(lambda conn: None))
         static = {name: f"127.0.0.1:{port}" for name in DIALLABLE}
-        base = {
-            "admin": {"address": "127.0.0.1:0"},
-            "listen": [{"address": "127.0.0.1:0"}],
-            "allow": [RAW_HOST],
-            "resolver": {"static": static, "allow_private": True},
-            "limits": {"drain_timeout": 1},
-        }
+        base = relay_config(resolver={"static": static}, limits={"drain_timeout": 1})
         users = [
             {"name": USER, "password_hash": hash_password(PASSWORD)},
             {"name": CONTROL_USER, "password_hash": hash_password(CONTROL_PASSWORD)},
         ]
-        plain = LoggedRelay(base, tmp_path_factory.mktemp("plain"))
+        plain = RelayProcess(base, tmp_path_factory.mktemp("plain"))
         stack.callback(plain.stop)
-        authed = LoggedRelay(
+        authed = RelayProcess(
             {**base, "auth": {"basic": {"users": users}}}, tmp_path_factory.mktemp("auth")
         )
         stack.callback(authed.stop)
         yield Relays(plain, authed, accepted)
 
 
-def exchange(relay: LoggedRelay, head: bytes) -> tuple[bytes, str]:
+def exchange(relay: RelayProcess, head: bytes) -> tuple[bytes, str]:
     """Send ``head`` and read until the relay closes; (reply, client address)."""
     sock = dial(relay.proxy)
     with sock:

@@ -12,22 +12,17 @@ import base64
 import ipaddress
 import json
 import os
-import queue
-import select
 import signal
 import socket
 import ssl
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from relay.auth import hash_password
 from tests.conftest import (
@@ -37,113 +32,40 @@ from tests.conftest import (
     WAIT,
     Certs,
     FakeControlPlane,
+    ListenerCerts,
     RelayProcess,
+    StartRelay,
     free_port,
+    peer_config,
     relay_config,
     require_tool,
+    wait_until,
 )
-from tests.integration.test_tunnels import read_head, recv_all, recv_exactly, tcp_peer
+from tests.helpers import (
+    ESTABLISHED,
+    MemoryTLS,
+    connect_head,
+    curl_whoami,
+    dial,
+    echo,
+    hold,
+    read_head,
+    recv_all,
+    recv_exactly,
+    relay_cli,
+    s_client,
+    split_records,
+    tcp_peer,
+    tls_listen,
+    whoami_over,
+    write_config,
+)
 
 # A second control plane prefix in the same region: the fake control plane's
 # certificate covers *.eu.cp0.konghq.com, so TLS to it works too.
 OTHER_CP = "dp-other.eu.cp0.konghq.com"
 US_CP = "dp-test.us.cp0.konghq.com"
 CHALLENGE = 'Proxy-Authenticate: Basic realm="konnect-relay"'
-
-
-# --- the relay, with an environment, a command prefix and every stdout line kept -------
-
-
-class LoggedRelay(RelayProcess):
-    """``RelayProcess`` that can run under a wrapper (``prlimit``), with its own
-    environment, and that keeps every raw stdout line (``lines``) so a test can
-    search the whole log, not only the events it waited for."""
-
-    def __init__(
-        self,
-        config: dict[str, Any],
-        tmp: Path,
-        *,
-        env: dict[str, str] | None = None,
-        prefix: Sequence[str] = (),
-    ) -> None:
-        self.lines: list[str] = []
-        self.config_path = tmp / "relay.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "relay", "run", "--config", str(self.config_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.seen: list[dict[str, Any]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        first = self.wait_event(lambda e: e["event"] == "listening")
-        self.listeners = [address(text) for text in first["proxy"]]
-        self.proxy = self.listeners[0]
-        self.proxy_url = f"http://{first['proxy'][0]}"
-        self.admin = first["admin"]
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            try:
-                self.events.put(json.loads(line))
-            except json.JSONDecodeError:
-                self.events.put({"event": "non-json", "line": line})
-
-    def request_event(self, client: str, timeout: float = WAIT) -> dict[str, Any]:
-        """The ``request`` log event of the connection from ``client`` (ip:port)."""
-        return self.wait_event(
-            lambda e: e["event"] == "request" and e.get("client") == client, timeout
-        )
-
-    def sample(self, name: str, **labels: str) -> float:
-        """One metric sample, 0 when the series does not exist (yet)."""
-        key = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        return self.metrics().get(f"{name}{{{key}}}", 0.0)
-
-    def wait_sample(self, name: str, value: float, **labels: str) -> None:
-        """Poll the admin endpoint until a sample reaches ``value`` (bounded)."""
-        deadline = time.monotonic() + WAIT
-        seen = self.sample(name, **labels)
-        while seen != value:
-            assert time.monotonic() < deadline, f"{name}{labels} = {seen}, expected {value}"
-            select.select([], [], [], 0.02)
-            seen = self.sample(name, **labels)
-
-
-def address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-Spawn = Callable[..., LoggedRelay]
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    started: list[LoggedRelay] = []
-
-    def start(
-        config: dict[str, Any],
-        *,
-        env: dict[str, str] | None = None,
-        prefix: Sequence[str] = (),
-    ) -> LoggedRelay:
-        sub = tmp_path / f"relay{len(started)}"
-        sub.mkdir()
-        relay = LoggedRelay(config, sub, env=env, prefix=prefix)
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.stop()
 
 
 # --- raw CONNECT helpers ---------------------------------------------------------------
@@ -165,21 +87,6 @@ class Reply:
 
 def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-def dial(addr: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(WAIT)
-    sock.bind((source, 0))
-    sock.connect(addr)
-    return sock
-
-
-def connect_head(target: str, auth: str | None = None) -> bytes:
-    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
-    if auth is not None:
-        head += f"Proxy-Authorization: {auth}\r\n"
-    return head.encode() + b"\r\n"
 
 
 def ask(
@@ -208,101 +115,19 @@ def ask(
     return Reply(status, data, sock, logged)
 
 
-def tls_client_hello(
-    ctx: ssl.SSLContext, server_hostname: str | None
-) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, bytes]:
-    """A client TLS session over memory BIOs, and the ClientHello it wants to send."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return tls, incoming, outgoing, outgoing.read()
-
-
-def finish_whoami(
-    sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO
-) -> bytes:
-    """Complete a handshake whose ClientHello was already sent, GET /whoami, return the body."""
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            if out := outgoing.read():
-                sock.sendall(out)
-            data = sock.recv(65536)
-            assert data, "relay closed the tunnel during the handshake"
-            incoming.write(data)
-    tls.write(f"GET /whoami HTTP/1.1\r\nHost: {CP_HOST}\r\nConnection: close\r\n\r\n".encode())
-    sock.sendall(outgoing.read())
-    body = b""
-    while b"client_cert_sha256" not in body or not body.endswith(b"}"):
-        data = sock.recv(65536)
-        assert data, body
-        incoming.write(data)
-        try:
-            body += tls.read(65536)
-        except ssl.SSLWantReadError:
-            continue
-    return body
-
-
-def whoami_over(sock: socket.socket, certs: Certs, server_hostname: str = CP_HOST) -> str:
-    """mTLS to the fake control plane over an open tunnel (a plain socket, or
-    an SSLSocket to a TLS listener: TLS inside TLS); the fingerprint it saw."""
-    tls, incoming, outgoing, hello = tls_client_hello(certs.client_context(), server_hostname)
-    with sock:
-        sock.sendall(hello)
-        reply = finish_whoami(sock, tls, incoming, outgoing)
-    body = reply.partition(b"\r\n\r\n")[2]
-    return str(json.loads(body)["client_cert_sha256"])
-
-
 def cp_static(fake_cp: FakeControlPlane, *names: str) -> dict[str, str]:
     return {name: f"127.0.0.1:{fake_cp.port}" for name in (CP_HOST, TP_HOST, *names)}
-
-
-def hold(conn: socket.socket) -> None:
-    """A destination that keeps the connection until the relay closes it."""
-    conn.recv(1)
-
-
-def echo(conn: socket.socket) -> None:
-    while data := conn.recv(65536):
-        conn.sendall(data)
 
 
 # --- curl -------------------------------------------------------------------------------
 
 
-def curl_whoami(
+def curl_via(
     certs: Certs, *proxy_args: str, host: str = CP_HOST
 ) -> subprocess.CompletedProcess[str]:
     """curl through the relay to the fake control plane with mTLS; stdout ends
     with a line holding the CONNECT status (``%{http_connect}``)."""
-    curl = require_tool("curl")
-    return subprocess.run(
-        [
-            curl,
-            "-sS",
-            "-v",
-            "--max-time",
-            str(WAIT),
-            "-w",
-            "\n%{http_connect}",
-            *proxy_args,
-            "--cacert",
-            str(certs.ca_file),
-            "--cert",
-            str(certs.client_cert),
-            "--key",
-            str(certs.client_key),
-            f"https://{host}/whoami",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-    )
+    return curl_whoami(certs, "-v", "-w", "\n%{http_connect}", *proxy_args, host=host)
 
 
 def curl_fingerprint(proc: subprocess.CompletedProcess[str]) -> str:
@@ -332,8 +157,8 @@ def alice_hash() -> str:
 
 @pytest.fixture
 def auth_relay(
-    spawn: Spawn, fake_cp: FakeControlPlane, tmp_path: Path, alice_hash: str
-) -> LoggedRelay:
+    start_relay: StartRelay, fake_cp: FakeControlPlane, tmp_path: Path, alice_hash: str
+) -> RelayProcess:
     carol_file = tmp_path / "carol.pw"
     carol_file.write_text("carol-Secret-3\n")  # the trailing newline is not part of it
     dave_file = tmp_path / "dave.pw"
@@ -346,7 +171,7 @@ def auth_relay(
     ]
     env = {**os.environ, "RELAY_TEST_BOB_PASSWORD": "bob-Secret-2"}
     cfg = relay_config(resolver={"static": cp_static(fake_cp)}, auth={"basic": {"users": users}})
-    return spawn(cfg, env=env)
+    return start_relay(cfg, env=env)
 
 
 @pytest.mark.parametrize(
@@ -358,20 +183,20 @@ def auth_relay(
     ],
 )
 def test_curl_proxy_user_reaches_control_plane(
-    auth_relay: LoggedRelay, certs: Certs, user: str, password: str, secret_kind: str
+    auth_relay: RelayProcess, certs: Certs, user: str, password: str, secret_kind: str
 ) -> None:
-    proc = curl_whoami(certs, "--proxy", auth_relay.proxy_url, "--proxy-user", f"{user}:{password}")
+    proc = curl_via(certs, "--proxy", auth_relay.proxy_url, "--proxy-user", f"{user}:{password}")
     assert curl_fingerprint(proc) == certs.client_sha256, secret_kind
     event = auth_relay.wait_event(lambda e: e["event"] == "request" and e["status"] == 200)
     assert event["identity"] == user
     assert not any(password in line for line in auth_relay.lines)
 
 
-def test_password_with_hash_and_at_in_proxy_url(auth_relay: LoggedRelay, certs: Certs) -> None:
+def test_password_with_hash_and_at_in_proxy_url(auth_relay: RelayProcess, certs: Certs) -> None:
     """The README's kong.conf recipe: percent-encode the password in the proxy URL."""
     host, port = auth_relay.proxy
     url = f"http://dave:{HASHY_URL_PASSWORD}@{host}:{port}"
-    proc = curl_whoami(certs, "--proxy", url)
+    proc = curl_via(certs, "--proxy", url)
     assert curl_fingerprint(proc) == certs.client_sha256
     event = auth_relay.wait_event(lambda e: e["event"] == "request" and e["status"] == 200)
     assert event["identity"] == "dave"
@@ -388,7 +213,7 @@ def test_password_with_hash_and_at_in_proxy_url(auth_relay: LoggedRelay, certs: 
     ids=["wrong-password", "unknown-user", "other-users-password", "missing"],
 )
 def test_curl_bad_credentials_get_407_with_challenge(
-    auth_relay: LoggedRelay,
+    auth_relay: RelayProcess,
     certs: Certs,
     fake_cp: FakeControlPlane,
     proxy_user: str | None,
@@ -398,7 +223,7 @@ def test_curl_bad_credentials_get_407_with_challenge(
     args = ["--proxy", auth_relay.proxy_url]
     if proxy_user is not None:
         args += ["--proxy-user", proxy_user]
-    proc = curl_whoami(certs, *args)
+    proc = curl_via(certs, *args)
     assert proc.returncode != 0
     assert connect_code(proc) == 407
     assert f"< {CHALLENGE}" in proc.stderr
@@ -412,7 +237,7 @@ def test_curl_bad_credentials_get_407_with_challenge(
         assert not any(f'"{name}"' in line for line in auth_relay.lines)
 
 
-def test_407_response_is_exact(auth_relay: LoggedRelay) -> None:
+def test_407_response_is_exact(auth_relay: RelayProcess) -> None:
     reply = ask(auth_relay.proxy, f"{CP_HOST}:443", auth=basic("alice", "nope"))
     reply.close()
     body = b"407 invalid proxy credentials\n"
@@ -426,7 +251,7 @@ def test_407_response_is_exact(auth_relay: LoggedRelay) -> None:
     )
 
 
-def test_verified_header_is_cached(auth_relay: LoggedRelay) -> None:
+def test_verified_header_is_cached(auth_relay: RelayProcess) -> None:
     """Kong sends the same header on every tunnel: the second one needs no
     password hash verification, so it is answered at once."""
     header = basic("alice", "alice-Secret-1")
@@ -442,7 +267,7 @@ def test_verified_header_is_cached(auth_relay: LoggedRelay) -> None:
     assert elapsed < 0.05, elapsed
 
 
-def test_credential_flood_is_bounded_and_cached_clients_pass(auth_relay: LoggedRelay) -> None:
+def test_credential_flood_is_bounded_and_cached_clients_pass(auth_relay: RelayProcess) -> None:
     """Checking a password costs ~0.3 s of argon2 by design. A flood of distinct
     bad credentials fills the bounded queue of checks: the next new credential
     is refused at once (503 auth_busy), while a client whose header was already
@@ -486,52 +311,7 @@ def test_credential_flood_is_bounded_and_cached_clients_pass(auth_relay: LoggedR
 # ===========================================================================================
 
 
-@dataclass
-class ListenerCerts:
-    cert: Path
-    key: Path
-    client_cert: Path
-    client_key: Path
-    stranger_cert: Path
-    stranger_key: Path
-
-
-@pytest.fixture(scope="module")
-def listener_certs(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> ListenerCerts:
-    import trustme
-
-    d = tmp_path_factory.mktemp("listener")
-    server = certs.ca.issue_cert("localhost", "127.0.0.1")
-    client = certs.ca.issue_cert("dp-7.example.test", common_name="dp-proxy-7")
-    stranger = trustme.CA().issue_cert("dp-8.example.test", common_name="dp-proxy-8")
-    files = {
-        "server.pem": server.cert_chain_pems[0].bytes(),
-        "server.key": server.private_key_pem.bytes(),
-        "client.pem": client.cert_chain_pems[0].bytes(),
-        "client.key": client.private_key_pem.bytes(),
-        "stranger.pem": stranger.cert_chain_pems[0].bytes(),
-        "stranger.key": stranger.private_key_pem.bytes(),
-    }
-    for name, blob in files.items():
-        (d / name).write_bytes(blob)
-    return ListenerCerts(
-        d / "server.pem",
-        d / "server.key",
-        d / "client.pem",
-        d / "client.key",
-        d / "stranger.pem",
-        d / "stranger.key",
-    )
-
-
-def tls_listen(lc: ListenerCerts, **tls: Any) -> dict[str, Any]:
-    return {
-        "address": "127.0.0.1:0",
-        "tls": {"cert": str(lc.cert), "key": str(lc.key), **tls},
-    }
-
-
-def https_proxy_args(relay: LoggedRelay, certs: Certs) -> list[str]:
+def https_proxy_args(relay: RelayProcess, certs: Certs) -> list[str]:
     return [
         "--proxy",
         f"https://localhost:{relay.proxy[1]}",
@@ -541,15 +321,15 @@ def https_proxy_args(relay: LoggedRelay, certs: Certs) -> list[str]:
 
 
 def test_https_proxy_tls_inside_tls(
-    spawn: Spawn, certs: Certs, fake_cp: FakeControlPlane, listener_certs: ListenerCerts
+    start_relay: StartRelay, certs: Certs, fake_cp: FakeControlPlane, listener_certs: ListenerCerts
 ) -> None:
-    relay = spawn(
+    relay = start_relay(
         relay_config(
             listen=[tls_listen(listener_certs)],
             resolver={"static": cp_static(fake_cp)},
         )
     )
-    proc = curl_whoami(certs, *https_proxy_args(relay, certs))
+    proc = curl_via(certs, *https_proxy_args(relay, certs))
     assert curl_fingerprint(proc) == certs.client_sha256
     event = relay.wait_event(lambda e: e["event"] == "request" and e["status"] == 200)
     assert event["identity"] == "127.0.0.1"  # no client certificate: the source address
@@ -558,10 +338,10 @@ def test_https_proxy_tls_inside_tls(
 
 
 def test_https_proxy_plain_http_client_is_refused(
-    spawn: Spawn, certs: Certs, listener_certs: ListenerCerts
+    start_relay: StartRelay, certs: Certs, listener_certs: ListenerCerts
 ) -> None:
     """A client told http:// for a TLS port: its CONNECT is not a ClientHello."""
-    relay = spawn(relay_config(listen=[tls_listen(listener_certs)]))
+    relay = start_relay(relay_config(listen=[tls_listen(listener_certs)]))
     sock = dial(relay.proxy)
     with sock:
         sock.sendall(connect_head(f"{RAW_HOST}:443"))
@@ -575,9 +355,9 @@ def test_https_proxy_plain_http_client_is_refused(
 
 
 def test_https_proxy_client_certificate(
-    spawn: Spawn, certs: Certs, fake_cp: FakeControlPlane, listener_certs: ListenerCerts
+    start_relay: StartRelay, certs: Certs, fake_cp: FakeControlPlane, listener_certs: ListenerCerts
 ) -> None:
-    relay = spawn(
+    relay = start_relay(
         relay_config(
             listen=[tls_listen(listener_certs, client_ca=str(certs.ca_file))],
             resolver={"static": cp_static(fake_cp)},
@@ -590,7 +370,7 @@ def test_https_proxy_client_certificate(
         "--proxy-key",
         str(listener_certs.client_key),
     ]
-    proc = curl_whoami(certs, *proxy, *with_cert)
+    proc = curl_via(certs, *proxy, *with_cert)
     assert curl_fingerprint(proc) == certs.client_sha256
     event = relay.wait_event(lambda e: e["event"] == "request" and e["status"] == 200)
     assert event["identity"] == "dp-proxy-7"
@@ -598,9 +378,9 @@ def test_https_proxy_client_certificate(
     assert closed["client"] == "dp-proxy-7"
 
     seen_before = len(fake_cp.seen)
-    without = curl_whoami(certs, *proxy)
+    without = curl_via(certs, *proxy)
     assert without.returncode != 0
-    stranger = curl_whoami(
+    stranger = curl_via(
         certs,
         *proxy,
         "--proxy-cert",
@@ -611,59 +391,49 @@ def test_https_proxy_client_certificate(
     assert stranger.returncode != 0
     assert len(fake_cp.seen) == seen_before
     # Neither got as far as a request: the next request event is a new good one.
-    proc = curl_whoami(certs, *proxy, *with_cert)
+    proc = curl_via(certs, *proxy, *with_cert)
     assert curl_fingerprint(proc) == certs.client_sha256
     event = relay.wait_event(lambda e: e["event"] == "request")
     assert (event["status"], event["identity"]) == (200, "dp-proxy-7")
 
 
-def s_client(
-    port: int, certs: Certs, *args: str, stdin: str = ""
+def listener_s_client(
+    port: int, certs: Certs, *args: str, stdin: str
 ) -> subprocess.CompletedProcess[str]:
-    openssl = require_tool("openssl")
-    return subprocess.run(
-        [
-            openssl,
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{port}",
-            "-servername",
-            "localhost",
-            "-CAfile",
-            str(certs.ca_file),
-            "-verify_return_error",
-            "-quiet",
-            *args,
-        ],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
+    """openssl s_client to the relay's TLS listener on ``port``."""
+    return s_client(
+        "-connect",
+        f"127.0.0.1:{port}",
+        "-servername",
+        "localhost",
+        "-CAfile",
+        str(certs.ca_file),
+        "-verify_return_error",
+        "-quiet",
+        *args,
+        stdin=stdin,
     )
 
 
 def test_min_version_13_refuses_tls12_client(
-    spawn: Spawn, certs: Certs, listener_certs: ListenerCerts
+    start_relay: StartRelay, certs: Certs, listener_certs: ListenerCerts
 ) -> None:
     def greet(conn: socket.socket) -> None:
         conn.sendall(b"hello-from-destination\n")
 
     with tcp_peer(greet) as (port, accepted):
-        relay = spawn(
-            relay_config(
-                listen=[tls_listen(listener_certs, min_version="1.3")],
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
-            )
+        relay = start_relay(
+            peer_config(port, listen=[tls_listen(listener_certs, min_version="1.3")])
         )
-        head = f"CONNECT {RAW_HOST}:443 HTTP/1.1\r\nHost: {RAW_HOST}:443\r\n\r\n"
-        old = s_client(relay.proxy[1], certs, "-tls1_2", stdin=head)
+        head = connect_head(f"{RAW_HOST}:443").decode()
+        old = listener_s_client(relay.proxy[1], certs, "-tls1_2", stdin=head)
         # The handshake fails (asyncio drops the connection without flushing
         # the protocol_version alert, so the client reports an EOF).
         assert old.returncode != 0
         assert "HTTP/1.1" not in old.stdout
         assert "error" in old.stderr, old.stderr
         assert accepted[0] == 0
-        new = s_client(relay.proxy[1], certs, "-tls1_3", stdin=head)
+        new = listener_s_client(relay.proxy[1], certs, "-tls1_3", stdin=head)
         assert "HTTP/1.1 200 Connection established" in new.stdout, new.stderr
         assert "hello-from-destination" in new.stdout
         assert accepted[0] == 1
@@ -686,7 +456,9 @@ def test_min_version_13_refuses_tls12_client(
 
 
 @pytest.fixture
-def clients_relay(spawn: Spawn, fake_cp: FakeControlPlane, tmp_path: Path) -> LoggedRelay:
+def clients_relay(
+    start_relay: StartRelay, fake_cp: FakeControlPlane, tmp_path: Path
+) -> RelayProcess:
     users = [
         {"name": name, "password_env": f"RELAY_TEST_PW_{name.upper()}"}
         for name in ("alice", "bob", "mallory")
@@ -708,7 +480,7 @@ def clients_relay(spawn: Spawn, fake_cp: FakeControlPlane, tmp_path: Path) -> Lo
         auth={"basic": {"users": users}},
         clients=clients,
     )
-    return spawn(cfg, env=env)
+    return start_relay(cfg, env=env)
 
 
 @pytest.mark.parametrize(
@@ -731,7 +503,7 @@ def clients_relay(spawn: Spawn, fake_cp: FakeControlPlane, tmp_path: Path) -> Lo
     ],
 )
 def test_per_client_konnect_pins(
-    clients_relay: LoggedRelay,
+    clients_relay: RelayProcess,
     user: str,
     target: str,
     status: int,
@@ -752,7 +524,7 @@ def test_per_client_konnect_pins(
 
 
 def test_clients_only_refuses_unmatched_and_matches_cidrs(
-    spawn: Spawn, fake_cp: FakeControlPlane
+    start_relay: StartRelay, fake_cp: FakeControlPlane
 ) -> None:
     clients = [
         {
@@ -761,7 +533,7 @@ def test_clients_only_refuses_unmatched_and_matches_cidrs(
             "konnect": {"control_planes": ["dp-other"]},
         }
     ]
-    relay = spawn(
+    relay = start_relay(
         relay_config(
             resolver={"static": cp_static(fake_cp, OTHER_CP)},
             clients=clients,
@@ -789,7 +561,7 @@ def test_clients_only_refuses_unmatched_and_matches_cidrs(
 
 
 def test_client_certificate_name_selects_policy(
-    spawn: Spawn, certs: Certs, fake_cp: FakeControlPlane, listener_certs: ListenerCerts
+    start_relay: StartRelay, certs: Certs, fake_cp: FakeControlPlane, listener_certs: ListenerCerts
 ) -> None:
     clients = [
         {
@@ -798,7 +570,7 @@ def test_client_certificate_name_selects_policy(
             "konnect": {"control_planes": ["dp-other"]},
         }
     ]
-    relay = spawn(
+    relay = start_relay(
         relay_config(
             listen=[tls_listen(listener_certs, client_ca=str(certs.ca_file))],
             resolver={"static": cp_static(fake_cp, OTHER_CP)},
@@ -815,7 +587,7 @@ def test_client_certificate_name_selects_policy(
         return read_head(sock), sock
 
     head, sock = via_tls(f"{OTHER_CP}:443")
-    assert head == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert head == ESTABLISHED
     # TLS inside TLS, by hand: the data plane's mTLS session inside the listener's TLS.
     assert whoami_over(sock, certs, OTHER_CP) == certs.client_sha256
     event = relay.wait_event(lambda e: e["event"] == "request" and e["status"] == 200)
@@ -833,9 +605,9 @@ def test_client_certificate_name_selects_policy(
 # ===========================================================================================
 
 
-def test_report_mode_lets_would_deny_through(spawn: Spawn) -> None:
+def test_report_mode_lets_would_deny_through(start_relay: StartRelay) -> None:
     with tcp_peer(echo) as (port, accepted):
-        relay = spawn(
+        relay = start_relay(
             relay_config(
                 policy_mode="report",
                 resolver={
@@ -886,11 +658,11 @@ def test_report_mode_lets_would_deny_through(spawn: Spawn) -> None:
 
 
 @pytest.fixture
-def cp_relay(spawn: Spawn, fake_cp: FakeControlPlane) -> LoggedRelay:
-    return spawn(relay_config(resolver={"static": cp_static(fake_cp)}))
+def cp_relay(start_relay: StartRelay, fake_cp: FakeControlPlane) -> RelayProcess:
+    return start_relay(relay_config(resolver={"static": cp_static(fake_cp)}))
 
 
-def test_plain_bytes_to_konnect_closed_not_tls(cp_relay: LoggedRelay) -> None:
+def test_plain_bytes_to_konnect_closed_not_tls(cp_relay: RelayProcess) -> None:
     reply = ask(cp_relay.proxy, f"{CP_HOST}:443")
     assert reply.status == 200
     with reply.sock as sock:
@@ -904,12 +676,12 @@ def test_plain_bytes_to_konnect_closed_not_tls(cp_relay: LoggedRelay) -> None:
     )
 
 
-def test_plain_bytes_in_connect_packet_closed_not_tls(cp_relay: LoggedRelay) -> None:
+def test_plain_bytes_in_connect_packet_closed_not_tls(cp_relay: RelayProcess) -> None:
     """The non-TLS bytes ride in the same packet as the CONNECT head."""
     sock = dial(cp_relay.proxy)
     with sock:
         sock.sendall(connect_head(f"{CP_HOST}:443") + b"SSH-2.0-OpenSSH_9.2\r\n")
-        assert read_head(sock) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        assert read_head(sock) == ESTABLISHED
         assert recv_all(sock) == b""
     closed = cp_relay.wait_event(lambda e: e["event"] == "tunnel_closed")
     assert (closed["reason"], closed["bytes_up"]) == ("not_tls", 0)
@@ -917,7 +689,7 @@ def test_plain_bytes_in_connect_packet_closed_not_tls(cp_relay: LoggedRelay) -> 
     assert event["status"] == 200
 
 
-def test_sni_mismatch_closed_with_access_denied(cp_relay: LoggedRelay, certs: Certs) -> None:
+def test_sni_mismatch_closed_with_access_denied(cp_relay: RelayProcess, certs: Certs) -> None:
     reply = ask(cp_relay.proxy, f"{CP_HOST}:443")
     assert reply.status == 200
     with (
@@ -933,8 +705,9 @@ def test_sni_mismatch_closed_with_access_denied(cp_relay: LoggedRelay, certs: Ce
     )
 
 
-def test_client_hello_one_byte_per_segment(cp_relay: LoggedRelay, certs: Certs) -> None:
-    tls, incoming, outgoing, hello = tls_client_hello(certs.client_context(), CP_HOST)
+def test_client_hello_one_byte_per_segment(cp_relay: RelayProcess, certs: Certs) -> None:
+    client = MemoryTLS(certs.client_context(), CP_HOST)
+    hello = client.hello()
     reply = ask(cp_relay.proxy, f"{CP_HOST}:443")
     assert reply.status == 200
     with reply.sock as sock:
@@ -946,35 +719,32 @@ def test_client_hello_one_byte_per_segment(cp_relay: LoggedRelay, certs: Certs) 
             sock.send(hello[i : i + 1])
             if i + 1 in sync_after:
                 assert cp_relay.get("/healthz")[0] == 200
-        body = finish_whoami(sock, tls, incoming, outgoing)
+        client.finish_handshake(sock)
+        body = client.whoami(sock)
     assert certs.client_sha256.encode() in body
     closed = cp_relay.wait_event(lambda e: e["event"] == "tunnel_closed")
     assert closed["reason"] in ("upstream_eof", "client_eof")
     assert closed["bytes_up"] > len(hello)
 
 
-def test_client_hello_split_across_tls_records(cp_relay: LoggedRelay, certs: Certs) -> None:
+def test_client_hello_split_across_tls_records(cp_relay: RelayProcess, certs: Certs) -> None:
     """RFC 8446 §5.1 lets a handshake message span records; the relay checks
     SNI across them and forwards the records unchanged."""
-    tls, incoming, outgoing, hello = tls_client_hello(certs.client_context(), CP_HOST)
-    assert hello[0] == 22
-    payload = hello[5:]
-    records = b"".join(
-        bytes([22]) + hello[1:3] + len(chunk).to_bytes(2, "big") + chunk
-        for chunk in (payload[i : i + 40] for i in range(0, len(payload), 40))
-    )
+    client = MemoryTLS(certs.client_context(), CP_HOST)
+    records = split_records(client.hello())
     reply = ask(cp_relay.proxy, f"{CP_HOST}:443")
     assert reply.status == 200
     with reply.sock as sock:
         sock.sendall(records)
-        body = finish_whoami(sock, tls, incoming, outgoing)
+        client.finish_handshake(sock)
+        body = client.whoami(sock)
     assert certs.client_sha256.encode() in body
 
 
 def test_check_sni_false_allows_other_sni(
-    spawn: Spawn, fake_cp: FakeControlPlane, certs: Certs
+    start_relay: StartRelay, fake_cp: FakeControlPlane, certs: Certs
 ) -> None:
-    relay = spawn(
+    relay = start_relay(
         relay_config(resolver={"static": cp_static(fake_cp)}, konnect={"check_sni": False})
     )
     reply = ask(relay.proxy, f"{CP_HOST}:443")
@@ -982,7 +752,7 @@ def test_check_sni_false_allows_other_sni(
     assert whoami_over(reply.sock, certs, TP_HOST) == certs.client_sha256
 
 
-def test_client_hello_without_sni_passes(cp_relay: LoggedRelay, certs: Certs) -> None:
+def test_client_hello_without_sni_passes(cp_relay: RelayProcess, certs: Certs) -> None:
     """check_sni compares the server_name when there is one; a hello without it passes."""
     ctx = certs.client_context()
     ctx.check_hostname = False
@@ -993,9 +763,9 @@ def test_client_hello_without_sni_passes(cp_relay: LoggedRelay, certs: Certs) ->
         assert certs.client_sha256.encode() in recv_all(tls)
 
 
-def test_require_tls_false_lets_plain_bytes_through(spawn: Spawn) -> None:
+def test_require_tls_false_lets_plain_bytes_through(start_relay: StartRelay) -> None:
     with tcp_peer(echo) as (port, accepted):
-        relay = spawn(
+        relay = start_relay(
             relay_config(
                 resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}},
                 konnect={"require_tls": False},
@@ -1009,8 +779,8 @@ def test_require_tls_false_lets_plain_bytes_through(spawn: Spawn) -> None:
         assert accepted[0] == 1
 
 
-def test_tls_peek_timeout(spawn: Spawn, fake_cp: FakeControlPlane) -> None:
-    relay = spawn(
+def test_tls_peek_timeout(start_relay: StartRelay, fake_cp: FakeControlPlane) -> None:
+    relay = start_relay(
         relay_config(resolver={"static": cp_static(fake_cp)}, limits={"tls_peek_timeout": 0.3})
     )
     reply = ask(relay.proxy, f"{CP_HOST}:443")
@@ -1036,10 +806,10 @@ def test_tls_peek_timeout(spawn: Spawn, fake_cp: FakeControlPlane) -> None:
     ids=["outside", "inside"],
 )
 def test_allowed_cidrs_pin_addresses(
-    spawn: Spawn, cidrs: list[str], status: int, dialled: int
+    start_relay: StartRelay, cidrs: list[str], status: int, dialled: int
 ) -> None:
     with tcp_peer(hold) as (port, accepted):
-        relay = spawn(
+        relay = start_relay(
             relay_config(
                 resolver={"static": {CP_HOST: f"127.0.0.1:{port}"}, "allowed_cidrs": cidrs},
                 konnect={"require_tls": False},
@@ -1063,13 +833,9 @@ def test_allowed_cidrs_pin_addresses(
 # ===========================================================================================
 
 
-def test_max_tunnels(spawn: Spawn) -> None:
+def test_max_tunnels(start_relay: StartRelay) -> None:
     with tcp_peer(hold) as (port, _):
-        relay = spawn(
-            relay_config(
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}, limits={"max_tunnels": 2}
-            )
-        )
+        relay = start_relay(peer_config(port, limits={"max_tunnels": 2}))
         first = ask(relay.proxy, f"{RAW_HOST}:443")
         second = ask(relay.proxy, f"{RAW_HOST}:443", source="127.0.0.2")
         third = ask(relay.proxy, f"{RAW_HOST}:443", source="127.0.0.3")
@@ -1086,14 +852,9 @@ def test_max_tunnels(spawn: Spawn) -> None:
     assert relay.sample("konnect_relay_requests_denied_total", reason="too_many_tunnels") == 1
 
 
-def test_max_tunnels_per_client(spawn: Spawn) -> None:
+def test_max_tunnels_per_client(start_relay: StartRelay) -> None:
     with tcp_peer(hold) as (port, _):
-        relay = spawn(
-            relay_config(
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
-                limits={"max_tunnels_per_client": 1},
-            )
-        )
+        relay = start_relay(peer_config(port, limits={"max_tunnels_per_client": 1}))
         first = ask(relay.proxy, f"{RAW_HOST}:443")
         second = ask(relay.proxy, f"{RAW_HOST}:443")
         second.close()
@@ -1110,14 +871,14 @@ def test_max_tunnels_per_client(spawn: Spawn) -> None:
         other.close()
 
 
-def test_max_tunnels_with_uncached_auth(spawn: Spawn) -> None:
+def test_max_tunnels_with_uncached_auth(start_relay: StartRelay) -> None:
     """max_tunnels: 1 with proxy auth: the first tunnel of a client whose header is
     not yet cached must still be admitted."""
     with tcp_peer(hold) as (port, _):
         env = {**os.environ, "RELAY_TEST_PW": "pw-1"}
-        relay = spawn(
-            relay_config(
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
+        relay = start_relay(
+            peer_config(
+                port,
                 auth={"basic": {"users": [{"name": "u1", "password_env": "RELAY_TEST_PW"}]}},
                 limits={"max_tunnels": 1},
             ),
@@ -1128,14 +889,9 @@ def test_max_tunnels_with_uncached_auth(spawn: Spawn) -> None:
         assert reply.status == 200, reply.data
 
 
-def test_max_pending_heads(spawn: Spawn) -> None:
+def test_max_pending_heads(start_relay: StartRelay) -> None:
     with tcp_peer(hold) as (port, _):
-        relay = spawn(
-            relay_config(
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
-                limits={"max_pending_heads": 5, "head_timeout": 2.0},
-            )
-        )
+        relay = start_relay(peer_config(port, limits={"max_pending_heads": 5, "head_timeout": 2.0}))
         idle = [dial(relay.proxy) for _ in range(5)]
         for sock in idle:
             sock.sendall(b"CONNECT raw.example.test:443 HTTP/1.1\r\nHo")
@@ -1181,7 +937,7 @@ def proxied_listen(trusted: list[str]) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def pp_relay(spawn: Spawn, fake_cp: FakeControlPlane) -> LoggedRelay:
+def pp_relay(start_relay: StartRelay, fake_cp: FakeControlPlane) -> RelayProcess:
     clients = [
         {
             "name": "branch-office",
@@ -1189,7 +945,7 @@ def pp_relay(spawn: Spawn, fake_cp: FakeControlPlane) -> LoggedRelay:
             "konnect": {"control_planes": ["dp-test"]},
         }
     ]
-    return spawn(
+    return start_relay(
         relay_config(
             listen=proxied_listen(["127.0.0.0/8"]),
             resolver={"static": cp_static(fake_cp, OTHER_CP)},
@@ -1209,7 +965,7 @@ def pp_relay(spawn: Spawn, fake_cp: FakeControlPlane) -> LoggedRelay:
     ids=["v1-tcp4", "v2-tcp4", "v1-tcp6", "v2-tcp6"],
 )
 def test_proxy_protocol_sets_client(
-    pp_relay: LoggedRelay,
+    pp_relay: RelayProcess,
     certs: Certs,
     header: Callable[[str, int], bytes],
     src: str,
@@ -1229,7 +985,7 @@ def test_proxy_protocol_sets_client(
     assert (event["reason"], event["client_entry"]) == ("not_allowlisted", "branch-office")
 
 
-def test_proxy_protocol_header_in_pieces(pp_relay: LoggedRelay) -> None:
+def test_proxy_protocol_header_in_pieces(pp_relay: RelayProcess) -> None:
     sock = dial(pp_relay.proxy)
     with sock:
         data = proxy_v2("10.9.8.7", 6000) + connect_head(f"{CP_HOST}:443")
@@ -1237,11 +993,11 @@ def test_proxy_protocol_header_in_pieces(pp_relay: LoggedRelay) -> None:
             sock.send(data[i : i + 7])
             if i % 21 == 0:
                 pp_relay.get("/healthz")
-        assert read_head(sock) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        assert read_head(sock) == ESTABLISHED
     assert pp_relay.request_event("10.9.8.7:6000")["client_entry"] == "branch-office"
 
 
-def test_proxy_protocol_local_uses_real_peer(pp_relay: LoggedRelay) -> None:
+def test_proxy_protocol_local_uses_real_peer(pp_relay: RelayProcess) -> None:
     local = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00]) + b"\x00\x00"
     reply = ask(pp_relay.proxy, f"{OTHER_CP}:443", before=local)
     reply.close()
@@ -1266,7 +1022,7 @@ def test_proxy_protocol_local_uses_real_peer(pp_relay: LoggedRelay) -> None:
         b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff",  # longer than the relay accepts
     ],
 )
-def test_malformed_proxy_header_400(pp_relay: LoggedRelay, header: bytes) -> None:
+def test_malformed_proxy_header_400(pp_relay: RelayProcess, header: bytes) -> None:
     with dial(pp_relay.proxy) as sock:
         client = f"127.0.0.1:{sock.getsockname()[1]}"
         sock.sendall(header + connect_head(f"{CP_HOST}:443"))
@@ -1277,14 +1033,11 @@ def test_malformed_proxy_header_400(pp_relay: LoggedRelay, header: bytes) -> Non
     assert event["reason"] == "bad_proxy_protocol"
 
 
-def test_proxy_protocol_from_untrusted_source(spawn: Spawn, fake_cp: FakeControlPlane) -> None:
+def test_proxy_protocol_from_untrusted_source(
+    start_relay: StartRelay, fake_cp: FakeControlPlane
+) -> None:
     with tcp_peer(hold) as (port, accepted):
-        relay = spawn(
-            relay_config(
-                listen=proxied_listen(["10.0.0.0/8"]),
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
-            )
-        )
+        relay = start_relay(peer_config(port, listen=proxied_listen(["10.0.0.0/8"])))
         sock = dial(relay.proxy)
         with sock:
             client = f"127.0.0.1:{sock.getsockname()[1]}"
@@ -1300,17 +1053,20 @@ def test_proxy_protocol_from_untrusted_source(spawn: Spawn, fake_cp: FakeControl
     assert relay.sample("konnect_relay_requests_denied_total", reason="untrusted_proxy") == 1
 
 
+def accepts(addr: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(addr, timeout=WAIT).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("send_proxy", ["send-proxy", "send-proxy-v2"])
-def test_haproxy_in_front(spawn: Spawn, tmp_path: Path, send_proxy: str) -> None:
+def test_haproxy_in_front(start_relay: StartRelay, tmp_path: Path, send_proxy: str) -> None:
     """A real load balancer: HAProxy in TCP mode sending the PROXY header."""
     haproxy = require_tool("haproxy")
     with tcp_peer(echo) as (port, _):
-        relay = spawn(
-            relay_config(
-                listen=proxied_listen(["127.0.0.1/32"]),
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
-            )
-        )
+        relay = start_relay(peer_config(port, listen=proxied_listen(["127.0.0.1/32"])))
         front = free_port()
         cfg = tmp_path / "haproxy.cfg"
         cfg.write_text(
@@ -1324,21 +1080,16 @@ def test_haproxy_in_front(spawn: Spawn, tmp_path: Path, send_proxy: str) -> None
             [haproxy, "-f", str(cfg), "-db"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         try:
-            deadline = time.monotonic() + WAIT
-            while True:
-                try:
-                    probe = socket.create_connection(("127.0.0.1", front), timeout=WAIT)
-                except ConnectionRefusedError:
-                    assert time.monotonic() < deadline and proc.poll() is None
-                    select.select([], [], [], 0.05)
-                    continue
-                probe.close()
-                break
+            wait_until(
+                lambda: accepts(("127.0.0.1", front)) or proc.poll() is not None,
+                what="haproxy listening",
+            )
+            assert proc.poll() is None
             sock = dial(("127.0.0.1", front), source="127.0.0.5")
             with sock:
                 client = f"127.0.0.5:{sock.getsockname()[1]}"
                 sock.sendall(connect_head(f"{RAW_HOST}:443"))
-                assert read_head(sock) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+                assert read_head(sock) == ESTABLISHED
                 sock.sendall(b"through haproxy")
                 assert recv_exactly(sock, 15) == b"through haproxy"
             event = relay.request_event(client)
@@ -1355,14 +1106,8 @@ def test_proxy_protocol_on_tls_listener_is_a_config_error(
     read as a ClientHello: the combination is refused at load with the reason."""
     listen = tls_listen(listener_certs)
     listen.update(proxy_protocol=True, trusted_proxies=["127.0.0.0/8"])
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(relay_config(listen=[listen])))
-    proc = subprocess.run(
-        [sys.executable, "-m", "relay", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 3,
-    )
+    path = write_config(tmp_path, relay_config(listen=[listen]))
+    proc = relay_cli("check", "--config", str(path))
     assert proc.returncode == 1
     assert "listen.0: proxy_protocol with tls is not supported" in proc.stderr
 
@@ -1374,11 +1119,11 @@ def test_proxy_protocol_on_tls_listener_is_a_config_error(
 NOFILE = 120
 
 
-def test_fd_exhaustion_refuses_then_recovers(spawn: Spawn) -> None:
+def test_fd_exhaustion_refuses_then_recovers(start_relay: StartRelay) -> None:
     prlimit = require_tool("prlimit")
     with tcp_peer(hold) as (port, accepted):
-        relay = spawn(
-            relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}),
+        relay = start_relay(
+            peer_config(port),
             prefix=[prlimit, f"--nofile={NOFILE}:{NOFILE}"],
         )
         open_tunnels: list[Reply] = []
@@ -1425,12 +1170,12 @@ def test_fd_exhaustion_refuses_then_recovers(spawn: Spawn) -> None:
     "admin endpoint cannot accept",
 )
 def test_fd_exhaustion_by_tls_handshakes_is_refused_and_counted(
-    spawn: Spawn, certs: Certs, listener_certs: ListenerCerts
+    start_relay: StartRelay, certs: Certs, listener_certs: ListenerCerts
 ) -> None:
     """Idle TCP connections to a TLS listener (no ClientHello) must count toward
     the descriptor budget like idle plaintext ones do."""
     prlimit = require_tool("prlimit")
-    relay = spawn(
+    relay = start_relay(
         relay_config(listen=[tls_listen(listener_certs)], limits={"head_timeout": 3}),
         prefix=[prlimit, f"--nofile={NOFILE}:{NOFILE}"],
     )
@@ -1451,11 +1196,11 @@ def test_fd_exhaustion_by_tls_handshakes_is_refused_and_counted(
     assert 'konnect_relay_requests_denied_total{reason="fd_limit"}' in metrics
 
 
-def test_refusal_reaches_client_that_sent_early(spawn: Spawn) -> None:
+def test_refusal_reaches_client_that_sent_early(start_relay: StartRelay) -> None:
     """Kong writes its CONNECT as soon as TCP connects. A connection the relay
     refuses as it accepts it (max_pending_heads, fd_limit) has that request
     unread in its receive buffer; the client must still read the 503."""
-    relay = spawn(relay_config(limits={"max_pending_heads": 1, "head_timeout": 30}))
+    relay = start_relay(relay_config(limits={"max_pending_heads": 1, "head_timeout": 30}))
     with dial(relay.proxy) as idle:
         idle.sendall(b"CONNECT ")
         relay.wait_sample("konnect_relay_pending_requests", 1)

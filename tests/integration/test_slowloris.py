@@ -15,21 +15,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tests.conftest import RAW_HOST, WAIT, Certs, relay_config
-from tests.integration.test_security import (
+from tests.conftest import (
+    RAW_HOST,
+    WAIT,
+    Certs,
     ListenerCerts,
-    Spawn,
-    connect_head,
-    dial,
-    hold,
-    tls_listen,
+    StartRelay,
+    peer_config,
+    relay_config,
 )
-
-# Fixtures shared with test_security (a name imported into a test module is a
-# fixture of that module).
-from tests.integration.test_security import listener_certs as listener_certs
-from tests.integration.test_security import spawn as spawn
-from tests.integration.test_tunnels import read_head, recv_all, tcp_peer
+from tests.helpers import connect_head, dial, hold, read_head, recv_all, tcp_peer, tls_listen
 
 FLOOD = 2000
 PARTIAL = b"CONNECT raw.example.test:443 HTTP/1.1\r\nHost: raw.exa"
@@ -65,14 +60,9 @@ def setup_time(addr: tuple[str, int]) -> float:
     return elapsed
 
 
-def test_flood_of_partial_heads_does_not_delay_a_tunnel(spawn: Spawn) -> None:
+def test_flood_of_partial_heads_does_not_delay_a_tunnel(start_relay: StartRelay) -> None:
     with tcp_peer(hold) as (port, _):
-        relay = spawn(
-            relay_config(
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
-                limits={"head_timeout": 45},
-            )
-        )
+        relay = start_relay(peer_config(port, limits={"head_timeout": 45}))
         baseline = min(setup_time(relay.proxy) for _ in range(TRIES))
         with flood(relay.proxy, FLOOD) as socks:
             relay.wait_sample("konnect_relay_pending_requests", FLOOD)
@@ -94,14 +84,11 @@ def test_flood_of_partial_heads_does_not_delay_a_tunnel(spawn: Spawn) -> None:
     assert min(times) < SETUP_BUDGET, times
 
 
-def test_max_pending_heads_refuses_new_heads_at_once(spawn: Spawn) -> None:
+def test_max_pending_heads_refuses_new_heads_at_once(start_relay: StartRelay) -> None:
     limit = 500
     with tcp_peer(hold) as (port, _):
-        relay = spawn(
-            relay_config(
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
-                limits={"head_timeout": 45, "max_pending_heads": limit},
-            )
+        relay = start_relay(
+            peer_config(port, limits={"head_timeout": 45, "max_pending_heads": limit})
         )
         with flood(relay.proxy, FLOOD) as socks:
             # Every connection beyond the limit is answered and closed without
@@ -153,10 +140,10 @@ def test_max_pending_heads_refuses_new_heads_at_once(spawn: Spawn) -> None:
         assert setup_time(relay.proxy) < SETUP_BUDGET * 10
 
 
-def test_head_timeout_is_a_deadline_not_an_idle_timer(spawn: Spawn) -> None:
+def test_head_timeout_is_a_deadline_not_an_idle_timer(start_relay: StartRelay) -> None:
     """A client sending one byte of a valid head every 50 ms is cut off at
     head_timeout, however steadily it trickles."""
-    relay = spawn(relay_config(limits={"head_timeout": 0.5}))
+    relay = start_relay(relay_config(limits={"head_timeout": 0.5}))
     head = connect_head(f"{RAW_HOST}:443")
     sock = dial(relay.proxy)
     with sock:
@@ -182,18 +169,14 @@ def test_head_timeout_is_a_deadline_not_an_idle_timer(spawn: Spawn) -> None:
 
 
 def test_flood_on_tls_listener_does_not_delay_a_tunnel(
-    spawn: Spawn,
+    start_relay: StartRelay,
     certs: Certs,
     listener_certs: ListenerCerts,
 ) -> None:
     """Idle TCP connections that never send a ClientHello to a TLS listener."""
     with tcp_peer(hold) as (port, _):
-        relay = spawn(
-            relay_config(
-                listen=[tls_listen(listener_certs)],
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
-                limits={"head_timeout": 45},
-            )
+        relay = start_relay(
+            peer_config(port, listen=[tls_listen(listener_certs)], limits={"head_timeout": 45})
         )
         ctx = ssl.create_default_context(cafile=str(certs.ca_file))
 
@@ -221,15 +204,15 @@ def test_flood_on_tls_listener_does_not_delay_a_tunnel(
 
 
 def test_max_pending_heads_counts_tls_handshakes(
-    spawn: Spawn,
+    start_relay: StartRelay,
     certs: Certs,
     listener_certs: ListenerCerts,
 ) -> None:
     with tcp_peer(hold) as (port, accepted):
-        relay = spawn(
-            relay_config(
+        relay = start_relay(
+            peer_config(
+                port,
                 listen=[tls_listen(listener_certs)],
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}},
                 limits={"head_timeout": 45, "max_pending_heads": 5},
             )
         )
