@@ -14,8 +14,7 @@ import ipaddress
 import os
 import pwd
 import re
-import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,12 @@ from tests.conftest import (
     Certs,
     FakeControlPlane,
     RelayProcess,
+    StartRelay,
     free_port,
     relay_config,
 )
+from tests.helpers import connect_reply, connect_via, handshake_error, recv_all, silent_udp
 from tests.integration.peers import Process, find_binary
-from tests.integration.test_sni import handshake_error
-from tests.integration.test_tunnels import connect_via, recv_all
 
 ZONE = "eu.cp0.konghq.com"
 LOOP = f"loop.{ZONE}"  # -> 127.0.0.1: the relay itself on its own ports
@@ -140,9 +139,7 @@ class Relay2:
 
 
 @pytest.fixture
-def dns_relay(
-    start_relay: Callable[..., RelayProcess], dnsmasq: Dnsmasq, fake_cp: FakeControlPlane
-) -> Relay2:
+def dns_relay(start_relay: StartRelay, dnsmasq: Dnsmasq, fake_cp: FakeControlPlane) -> Relay2:
     connect_port, sni_port = free_port(), free_port()
     listen = [
         {"address": f"127.0.0.1:{connect_port}"},
@@ -153,10 +150,23 @@ def dns_relay(
 
 
 def refused_reply(relay: RelayProcess, target: str) -> tuple[bytes, dict[str, Any]]:
-    sock, head = connect_via(relay, target)
-    with sock:
-        reply = head + recv_all(sock)
+    reply = connect_reply(relay, target)
     return reply, relay.wait_event(lambda e: e["event"] == "request")
+
+
+def ask_silent_nameserver(
+    start_relay: StartRelay, connect_timeout: float, resolver_timeout: float
+) -> tuple[bytes, dict[str, Any]]:
+    """A CONNECT to CP_HOST through a relay whose only nameserver never answers."""
+    with silent_udp() as port:
+        cfg = dns_config(
+            [f"127.0.0.1:{port}"],
+            [{"address": "127.0.0.1:0"}],
+            [],
+            limits={"connect_timeout": connect_timeout},
+        )
+        cfg["resolver"]["timeout"] = resolver_timeout
+        return refused_reply(start_relay(cfg), f"{CP_HOST}:443")
 
 
 # --- lookups go to the configured servers ---------------------------------------------
@@ -218,25 +228,15 @@ def test_lookup_failure_502(dns_relay: Relay2, name: str, detail: bytes) -> None
     assert event["reason"] == "dns_failure"
 
 
-def test_nameserver_silent_504(start_relay: Callable[..., RelayProcess], tmp_path: Path) -> None:
+def test_nameserver_silent_504(start_relay: StartRelay, tmp_path: Path) -> None:
     """A nameserver that never answers (a bound UDP port nobody reads) ends in
     504 dns_timeout after resolver.timeout, well before connect_timeout."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
-        hole.bind(("127.0.0.1", 0))
-        cfg = dns_config(
-            [f"127.0.0.1:{hole.getsockname()[1]}"],
-            [{"address": "127.0.0.1:0"}],
-            [],
-            limits={"connect_timeout": 4},
-        )
-        cfg["resolver"]["timeout"] = 0.3
-        relay = start_relay(cfg)
-        reply, event = refused_reply(relay, f"{CP_HOST}:443")
+    reply, event = ask_silent_nameserver(start_relay, connect_timeout=4, resolver_timeout=0.3)
     assert reply.startswith(b"HTTP/1.1 504 "), reply
     assert event["reason"] == "dns_timeout" and event["dial_ms"] < 2000
 
 
-def test_nameserver_stopped(start_relay: Callable[..., RelayProcess], tmp_path: Path) -> None:
+def test_nameserver_stopped(start_relay: StartRelay, tmp_path: Path) -> None:
     """dnsmasq answers, then stops: lookups time out (the port is closed; the
     ICMP errors are not an answer) and the relay says so."""
     server = Dnsmasq(tmp_path)
@@ -255,19 +255,10 @@ def test_nameserver_stopped(start_relay: Callable[..., RelayProcess], tmp_path: 
 
 
 def test_silent_nameserver_with_default_timeouts_is_dns_timeout(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
 ) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
-        hole.bind(("127.0.0.1", 0))
-        cfg = dns_config(
-            [f"127.0.0.1:{hole.getsockname()[1]}"],
-            [{"address": "127.0.0.1:0"}],
-            [],
-            limits={"connect_timeout": 0.5},
-        )
-        cfg["resolver"]["timeout"] = 0.5  # equal, as the defaults are
-        relay = start_relay(cfg)
-        reply, event = refused_reply(relay, f"{CP_HOST}:443")
+    # Equal timeouts, as the defaults are.
+    reply, event = ask_silent_nameserver(start_relay, connect_timeout=0.5, resolver_timeout=0.5)
     assert event["reason"] == "dns_timeout", (event, reply[:80])
 
 
@@ -340,7 +331,7 @@ def test_loop_port_mismatch_is_not_a_loop(dns_relay: Relay2, fake_cp: FakeContro
 @pytest.mark.parametrize("name", [MAPPED, ZERO], ids=["v4-mapped", "unspecified"])
 @pytest.mark.parametrize("mode", ["connect", "sni"])
 def test_loop_in_other_address_forms(
-    start_relay: Callable[..., RelayProcess], dnsmasq: Dnsmasq, name: str, mode: str
+    start_relay: StartRelay, dnsmasq: Dnsmasq, name: str, mode: str
 ) -> None:
     """::ffff:127.0.0.1 and 0.0.0.0 reach a listener on 127.0.0.1 just as well.
     max_tunnels bounds the chain of self-dials an SNI listener would otherwise

@@ -15,15 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import ssl
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.conftest import (
     CP_HOST,
@@ -32,14 +28,26 @@ from tests.conftest import (
     Certs,
     FakeControlPlane,
     RelayProcess,
+    StartRelay,
     free_port,
     relay_config,
-    require_tool,
 )
-from tests.integration.test_tunnels import recv_all, tcp_peer
+from tests.helpers import (
+    WHOAMI,
+    MemoryTLS,
+    curl_whoami,
+    handshake_error,
+    outlet_echoes,
+    recv_all,
+    relay_cli,
+    s_client,
+    s_client_whoami,
+    split_records,
+    tcp_peer,
+    write_config,
+)
 
 SNI_LISTENER = "dmz-sni"
-WHOAMI = f"GET /whoami HTTP/1.1\r\nHost: {CP_HOST}\r\nConnection: close\r\n\r\n"
 TLS_ALERT = 21  # RFC 8446 §5.1 ContentType.alert
 # The refusal reasons a hello the peek rejects may be logged with.
 PEEK_REASONS = {"not_tls", "malformed", "too_large", "not_client_hello"}
@@ -69,7 +77,7 @@ class SNIRelay:
 
 
 @pytest.fixture
-def sni_relay(start_relay: Callable[..., RelayProcess], fake_cp: FakeControlPlane) -> SNIRelay:
+def sni_relay(start_relay: StartRelay, fake_cp: FakeControlPlane) -> SNIRelay:
     """An SNI listener whose Konnect names lead to the fake control plane."""
     port = free_port()
     target = f"127.0.0.1:{fake_cp.port}"
@@ -86,100 +94,16 @@ def dead_peer() -> Iterator[tuple[int, list[int]]]:
 
 def requests(relay: RelayProcess) -> list[dict[str, Any]]:
     """Every ``request`` event logged so far (waits for none)."""
-    out = [e for e in relay.seen if e["event"] == "request"]
-    while not relay.events.empty():
-        event = relay.events.get_nowait()
-        relay.seen.append(event)
-        if event["event"] == "request":
-            out.append(event)
-    return out
-
-
-# --- TLS in memory: full control of what goes on the wire ------------------------
-
-
-class MemoryTLS:
-    """A TLS client over memory BIOs, so a test decides how the bytes travel."""
-
-    def __init__(self, ctx: ssl.SSLContext, server_hostname: str | None) -> None:
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname=server_hostname)
-
-    def hello(self) -> bytes:
-        with pytest.raises(ssl.SSLWantReadError):
-            self.tls.do_handshake()
-        return self.outgoing.read()
-
-    def finish_handshake(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                self.tls.do_handshake()
-                return
-            except ssl.SSLWantReadError:
-                if out := self.outgoing.read():
-                    sock.sendall(out)
-                data = sock.recv(65536)
-                assert data, "relay closed during the handshake"
-                self.incoming.write(data)
-
-    def request(self, sock: socket.socket, text: str, until: bytes) -> bytes:
-        self.tls.write(text.encode())
-        sock.sendall(self.outgoing.read())
-        body = b""
-        while until not in body:
-            data = sock.recv(65536)
-            assert data, f"closed before {until!r}; got {body!r}"
-            self.incoming.write(data)
-            try:
-                while chunk := self.tls.read(65536):
-                    body += chunk
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                continue
-        return body
-
-
-def handshake_error(address: tuple[str, int], server_hostname: str | None) -> ssl.SSLError:
-    """Handshake with Python's ssl (no SNI when server_hostname is None); return
-    the error the relay's alert produced."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with (
-        socket.create_connection(address, timeout=WAIT) as raw,
-        pytest.raises(ssl.SSLError) as info,
-    ):
-        ctx.wrap_socket(raw, server_hostname=server_hostname)
-    return info.value
+    return [e for e in relay.drain() if e["event"] == "request"]
 
 
 # --- real clients end to end -------------------------------------------------------
 
 
 def test_curl_connect_to_sni_listener(sni_relay: SNIRelay, certs: Certs) -> None:
-    curl = require_tool("curl")
     relay, port = sni_relay.relay, sni_relay.port
-    out = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "--fail",
-            "--max-time",
-            "10",
-            "--connect-to",
-            f"{CP_HOST}:443:127.0.0.1:{port}",
-            "--cacert",
-            str(certs.ca_file),
-            "--cert",
-            str(certs.client_cert),
-            "--key",
-            str(certs.client_key),
-            f"https://{CP_HOST}/whoami",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-        check=True,
-    )
+    connect_to = f"{CP_HOST}:443:127.0.0.1:{port}"
+    out = curl_whoami(certs, "--fail", "--connect-to", connect_to, check=True)
     assert json.loads(out.stdout)["client_cert_sha256"] == certs.client_sha256
     event = relay.wait_event(lambda e: e["event"] == "request" and e.get("status") == 200)
     assert event["target"] == f"{CP_HOST}:{port}" and event["reason"] == "konnect"
@@ -198,30 +122,14 @@ def test_curl_connect_to_sni_listener(sni_relay: SNIRelay, certs: Certs) -> None
 
 
 def test_openssl_s_client_servername(sni_relay: SNIRelay, certs: Certs) -> None:
-    openssl = require_tool("openssl")
-    proc = subprocess.run(
-        [
-            openssl,
-            "s_client",
-            "-connect",
-            f"127.0.0.1:{sni_relay.port}",
-            "-servername",
-            CP_HOST,
-            "-verify_hostname",
-            CP_HOST,
-            "-CAfile",
-            str(certs.ca_file),
-            "-verify_return_error",
-            "-cert",
-            str(certs.client_cert),
-            "-key",
-            str(certs.client_key),
-            "-quiet",
-        ],
-        input=WHOAMI,
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
+    proc = s_client_whoami(
+        certs,
+        "-connect",
+        f"127.0.0.1:{sni_relay.port}",
+        "-servername",
+        CP_HOST,
+        "-verify_hostname",
+        CP_HOST,
     )
     assert certs.client_sha256 in proc.stdout, proc.stderr
     event = sni_relay.relay.wait_event(lambda e: e["event"] == "request")
@@ -239,7 +147,6 @@ def test_websocket_session_holds(
 
     async def session() -> tuple[list[str | bytes], list[dict[str, Any]]]:
         sock = socket.create_connection(sni_relay.address, timeout=WAIT)
-        replies: list[str | bytes] = []
         async with connect(
             f"wss://{CP_HOST}/v1/outlet",
             sock=sock,
@@ -247,11 +154,7 @@ def test_websocket_session_holds(
             ping_interval=0.05,
             open_timeout=WAIT,
         ) as ws:
-            for i in range(5):
-                await ws.send(f"ping-{i}")
-                replies.append(await asyncio.wait_for(ws.recv(), WAIT))
-            latency = await asyncio.wait_for(await ws.ping(), WAIT)
-            assert latency >= 0
+            replies = await outlet_echoes(ws)
             loop = asyncio.get_running_loop()
             status, body = await loop.run_in_executor(None, relay.get, "/tunnels")
             assert status == 200
@@ -280,7 +183,7 @@ def test_hello_in_one_byte_segments(sni_relay: SNIRelay, certs: Certs) -> None:
         for i in range(len(hello)):
             sock.sendall(hello[i : i + 1])
         client.finish_handshake(sock)
-        body = client.request(sock, WHOAMI, b"client_cert_sha256")
+        body = client.whoami(sock)
     assert certs.client_sha256.encode() in body
     relay = sni_relay.relay
     assert relay.wait_event(lambda e: e["event"] == "request")["status"] == 200
@@ -292,17 +195,11 @@ def test_tls_record_fragmented_hello(sni_relay: SNIRelay, certs: Certs) -> None:
     """A hello split over several TLS records (legal, RFC 8446 §5.1) is read and
     relayed as sent: the server reassembles the same bytes."""
     client = MemoryTLS(certs.client_context(), CP_HOST)
-    hello = client.hello()
-    header, body = hello[:5], hello[5:]
-    assert header[0] == 22 and int.from_bytes(header[3:5], "big") == len(body)
-    records = b"".join(
-        header[:3] + len(body[i : i + 40]).to_bytes(2, "big") + body[i : i + 40]
-        for i in range(0, len(body), 40)
-    )
+    records = split_records(client.hello())
     with socket.create_connection(sni_relay.address, timeout=WAIT) as sock:
         sock.sendall(records)
         client.finish_handshake(sock)
-        reply = client.request(sock, WHOAMI, b"client_cert_sha256")
+        reply = client.whoami(sock)
     assert certs.client_sha256.encode() in reply
 
 
@@ -315,14 +212,14 @@ def test_records_after_hello_in_same_segment(sni_relay: SNIRelay, certs: Certs) 
     with socket.create_connection(sni_relay.address, timeout=WAIT) as sock:
         sock.sendall(hello + ccs)
         client.finish_handshake(sock)
-        body = client.request(sock, WHOAMI, b"client_cert_sha256")
+        body = client.whoami(sock)
     assert certs.client_sha256.encode() in body
     closed = sni_relay.relay.wait_event(lambda e: e["event"] == "tunnel_closed")
     assert closed["bytes_up"] > len(hello) + len(ccs)
 
 
 def test_behind_proxy_protocol_load_balancer(
-    start_relay: Callable[..., RelayProcess], fake_cp: FakeControlPlane, certs: Certs
+    start_relay: StartRelay, fake_cp: FakeControlPlane, certs: Certs
 ) -> None:
     """An SNI listener behind a TCP load balancer: the PROXY v1 header comes
     first, the hello right after it in the same segment; the client address
@@ -336,7 +233,7 @@ def test_behind_proxy_protocol_load_balancer(
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
         sock.sendall(header + client.hello())
         client.finish_handshake(sock)
-        body = client.request(sock, WHOAMI, b"client_cert_sha256")
+        body = client.whoami(sock)
     assert certs.client_sha256.encode() in body
     event = relay.wait_event(lambda e: e["event"] == "request")
     assert event["status"] == 200 and event["client"] == "192.0.2.7:40000"
@@ -348,7 +245,7 @@ def test_behind_proxy_protocol_load_balancer(
 
 @pytest.mark.parametrize("client", ["python", "openssl"])
 def test_no_sni_unrecognized_name(
-    start_relay: Callable[..., RelayProcess], dead_peer: tuple[int, list[int]], client: str
+    start_relay: StartRelay, dead_peer: tuple[int, list[int]], client: str
 ) -> None:
     peer_port, accepted = dead_peer
     port = free_port()
@@ -358,14 +255,7 @@ def test_no_sni_unrecognized_name(
         error = handshake_error(("127.0.0.1", port), None)
         assert "UNRECOGNIZED_NAME" in str(error), error
     else:
-        openssl = require_tool("openssl")
-        proc = subprocess.run(
-            [openssl, "s_client", "-connect", f"127.0.0.1:{port}", "-noservername"],
-            input="",
-            capture_output=True,
-            text=True,
-            timeout=WAIT * 2,
-        )
+        proc = s_client("-connect", f"127.0.0.1:{port}", "-noservername")
         assert proc.returncode != 0
         assert "unrecognized name" in proc.stderr or "alert number 112" in proc.stderr, proc.stderr
     event = relay.wait_event(lambda e: e["event"] == "request")
@@ -378,15 +268,25 @@ def test_no_sni_unrecognized_name(
 @pytest.mark.parametrize(
     "first",
     [
-        b"GET / HTTP/1.1\r\nHost: " + CP_HOST.encode() + b"\r\n\r\n",
-        b"CONNECT " + CP_HOST.encode() + b":443 HTTP/1.1\r\n\r\n",
-        b"SSH-2.0-OpenSSH_9.2\r\n",
-        b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00",  # a handshake record, not a hello
+        # Not a ClientHello at all.
+        pytest.param(b"GET / HTTP/1.1\r\nHost: " + CP_HOST.encode() + b"\r\n\r\n", id="http"),
+        pytest.param(b"CONNECT " + CP_HOST.encode() + b":443 HTTP/1.1\r\n\r\n", id="connect"),
+        pytest.param(b"SSH-2.0-OpenSSH_9.2\r\n", id="ssh"),
+        # A handshake record, not a hello.
+        pytest.param(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00", id="server-hello"),
+        # Malformed hellos. A handshake record announcing a 40000-byte hello:
+        # beyond MAX_CLIENT_HELLO.
+        pytest.param(b"\x16\x03\x01\x40\x00\x01\x00\x9c\x40" + b"\x00" * 200, id="too-large"),
+        # A record of 2^14 + 1 bytes (RFC 8446 §5.1 caps it at 2^14).
+        pytest.param(b"\x16\x03\x01\x40\x01\x01" + b"\x00" * 200, id="record-too-long"),
+        # A hello whose length fields run past its record.
+        pytest.param(
+            b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\x03\x03\xff\xff", id="truncated-fields"
+        ),
     ],
-    ids=["http", "connect", "ssh", "server-hello"],
 )
-def test_not_a_hello_closed(
-    start_relay: Callable[..., RelayProcess], dead_peer: tuple[int, list[int]], first: bytes
+def test_not_a_hello_or_malformed_closed(
+    start_relay: StartRelay, dead_peer: tuple[int, list[int]], first: bytes
 ) -> None:
     peer_port, accepted = dead_peer
     port = free_port()
@@ -404,33 +304,6 @@ def test_not_a_hello_closed(
 
 
 @pytest.mark.parametrize(
-    "first",
-    [
-        # A handshake record announcing a 40000-byte hello: beyond MAX_CLIENT_HELLO.
-        b"\x16\x03\x01\x40\x00\x01\x00\x9c\x40" + b"\x00" * 200,
-        # A record of 2^14 + 1 bytes (RFC 8446 §5.1 caps it at 2^14).
-        b"\x16\x03\x01\x40\x01\x01" + b"\x00" * 200,
-        # A hello whose length fields run past its record.
-        b"\x16\x03\x01\x00\x08\x01\x00\x00\x04\x03\x03\xff\xff",
-    ],
-    ids=["too-large", "record-too-long", "truncated-fields"],
-)
-def test_malformed_hello_closed(
-    start_relay: Callable[..., RelayProcess], dead_peer: tuple[int, list[int]], first: bytes
-) -> None:
-    peer_port, accepted = dead_peer
-    port = free_port()
-    relay = start_relay(sni_config(port, {CP_HOST: f"127.0.0.1:{peer_port}"}))
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(first)
-        reply = recv_all(sock)
-    assert reply == b"" or reply[0] == TLS_ALERT, reply
-    event = relay.wait_event(lambda e: e["event"] == "request")
-    assert event["allowed"] is False and event["reason"] in PEEK_REASONS
-    assert accepted[0] == 0
-
-
-@pytest.mark.parametrize(
     ("name", "reason"),
     [
         ("evil.com", "not_allowlisted"),
@@ -440,7 +313,7 @@ def test_malformed_hello_closed(
     ],
 )
 def test_denied_name_access_denied(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
     dead_peer: tuple[int, list[int]],
     name: str,
     reason: str,
@@ -460,7 +333,7 @@ def test_denied_name_access_denied(
 
 
 def test_slow_hello_head_timeout(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
     dead_peer: tuple[int, list[int]],
     certs: Certs,
 ) -> None:
@@ -479,9 +352,7 @@ def test_slow_hello_head_timeout(
     assert accepted[0] == 0
 
 
-def test_dial_failure_internal_error(
-    start_relay: Callable[..., RelayProcess], certs: Certs
-) -> None:
+def test_dial_failure_internal_error(start_relay: StartRelay, certs: Certs) -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))  # bound, not listening: connect is refused
         port = free_port()
@@ -493,7 +364,7 @@ def test_dial_failure_internal_error(
 
 
 def test_static_map_to_own_listener_is_a_loop(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
 ) -> None:
     """A name that leads back to the SNI listener itself is refused (reason loop)
     instead of the relay dialling itself, which would read the same hello again
@@ -520,7 +391,7 @@ def test_log_lines_name_the_listener(sni_relay: SNIRelay, certs: Certs) -> None:
     with socket.create_connection(sni_relay.address, timeout=WAIT) as sock:
         sock.sendall(client.hello())
         client.finish_handshake(sock)
-        client.request(sock, WHOAMI, b"client_cert_sha256")
+        client.whoami(sock)
     relay = sni_relay.relay
     denied = relay.wait_event(lambda e: e["event"] == "request" and not e["allowed"])
     allowed = relay.wait_event(lambda e: e["event"] == "request" and e["allowed"])
@@ -547,22 +418,16 @@ def test_policy_command_for_sni_targets(tmp_path: Path, target: str, code: int) 
     """The decision an SNI listener makes for server_name S on port P is the
     one ``konnect-relay policy S:P`` prints."""
     port = free_port()
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(sni_config(port, {})))
+    path = write_config(tmp_path, sni_config(port, {}))
     target = target.format(port=port)
-    proc = subprocess.run(
-        [sys.executable, "-m", "relay", "policy", target, "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-    )
+    proc = relay_cli("policy", target, "--config", str(path), timeout=WAIT * 2)
     assert proc.returncode == code, proc.stdout + proc.stderr
     verdict = "allow" if code == 0 else "deny"
     assert proc.stdout.startswith(f"{verdict} {target}\n"), proc.stdout
 
 
 def test_target_port_behind_port_translation(
-    start_relay: Callable[..., RelayProcess], fake_cp: FakeControlPlane, certs: Certs
+    start_relay: StartRelay, fake_cp: FakeControlPlane, certs: Certs
 ) -> None:
     """An SNI listener bound on a high port (as behind a Service mapping 443 to
     it) dials the Konnect name on listen[].target_port, not on its own port."""
@@ -581,9 +446,7 @@ def test_target_port_behind_port_translation(
         ctx.wrap_socket(raw, server_hostname=CP_HOST) as tls,
     ):
         tls.sendall(WHOAMI.encode())
-        body = b""
-        while chunk := tls.recv(65536):
-            body += chunk
+        body = recv_all(tls)
     assert certs.client_sha256.encode() in body
     event = relay.wait_event(lambda e: e["event"] == "request" and e.get("status") == 200)
     assert event["target"] == f"{CP_HOST}:443"

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import select
 import socket
-import ssl
-import subprocess
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
 
 import pytest
 
@@ -21,109 +16,28 @@ from tests.conftest import (
     Certs,
     FakeControlPlane,
     RelayProcess,
+    StartRelay,
+    peer_config,
     relay_config,
-    require_tool,
 )
 
-
-def connect_via(
-    relay: RelayProcess, target: str, version: str = "HTTP/1.1", extra: bytes = b""
-) -> tuple[socket.socket, bytes]:
-    """Send a CONNECT head (plus ``extra`` in the same packet); return the socket
-    and everything received up to the end of the response head."""
-    sock = socket.create_connection(relay.proxy, timeout=WAIT)
-    sock.sendall(f"CONNECT {target} {version}\r\nHost: {target}\r\n\r\n".encode() + extra)
-    return sock, read_head(sock)
-
-
-def open_tunnel(relay: RelayProcess, target: str = f"{RAW_HOST}:443") -> socket.socket:
-    """A CONNECT that must succeed; returns the tunnel's socket."""
-    sock, head = connect_via(relay, target)
-    assert head == b"HTTP/1.1 200 Connection established\r\n\r\n", head
-    return sock
-
-
-def read_head(sock: socket.socket) -> bytes:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(min(65536, n - len(out)))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    out = bytearray()
-    while chunk := sock.recv(65536):
-        out += chunk
-    return bytes(out)
-
-
-class AcceptCount(list[int]):
-    """``[n]``: connections a tcp_peer accepted; ``wait_for`` blocks until n is reached."""
-
-    def __init__(self) -> None:
-        super().__init__([0])
-        self.cond = threading.Condition()
-
-    def bump(self) -> None:
-        with self.cond:
-            self[0] += 1
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = WAIT) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: self[0] >= n, timeout)
-
-
-@contextmanager
-def tcp_peer(handler: Callable[[socket.socket], None]) -> Iterator[tuple[int, AcceptCount]]:
-    """A plain TCP server on loopback running ``handler`` per connection in a
-    thread; yields (port, accept_count_box)."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    srv.settimeout(WAIT)
-    accepted = AcceptCount()
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
-
-    def serve() -> None:
-        while not stop.is_set():
-            r, _, _ = select.select([srv], [], [], 0.05)
-            if not r:
-                continue
-            conn, _ = srv.accept()
-            accepted.bump()
-            conn.settimeout(WAIT)
-            t = threading.Thread(target=_run, args=(conn,), daemon=True)
-            threads.append(t)
-            t.start()
-
-    def _run(conn: socket.socket) -> None:
-        with conn, suppress(OSError):
-            handler(conn)
-
-    loop = threading.Thread(target=serve, daemon=True)
-    loop.start()
-    try:
-        yield srv.getsockname()[1], accepted
-    finally:
-        stop.set()
-        loop.join(WAIT)
-        srv.close()
-        for t in threads:
-            t.join(WAIT)
-
+# Some test modules import connect_via, open_tunnel, recv_all, recv_exactly and
+# tcp_peer from here; their home is tests.helpers.
+from tests.helpers import (
+    MemoryTLS,
+    connect_reply,
+    connect_via,
+    curl_whoami,
+    echo,
+    flood,
+    hold,
+    open_tunnel,
+    outlet_echoes,
+    recv_all,
+    recv_exactly,
+    s_client_whoami,
+    tcp_peer,
+)
 
 # --- mTLS end to end ---------------------------------------------------------------
 
@@ -131,29 +45,7 @@ def tcp_peer(handler: Callable[[socket.socket], None]) -> Iterator[tuple[int, Ac
 def test_curl_mtls_fingerprints_match(
     relay: RelayProcess, certs: Certs, fake_cp: FakeControlPlane
 ) -> None:
-    curl = require_tool("curl")
-    out = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "--fail",
-            "--max-time",
-            "10",
-            "--proxy",
-            relay.proxy_url,
-            "--cacert",
-            str(certs.ca_file),
-            "--cert",
-            str(certs.client_cert),
-            "--key",
-            str(certs.client_key),
-            f"https://{CP_HOST}/whoami",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-        check=True,
-    )
+    out = curl_whoami(certs, "--fail", "--proxy", relay.proxy_url, check=True)
     assert json.loads(out.stdout)["client_cert_sha256"] == certs.client_sha256
     event = relay.wait_event(lambda e: e["event"] == "request" and e.get("status") == 200)
     assert event["target"] == f"{CP_HOST}:443" and event["reason"] == "konnect"
@@ -162,42 +54,19 @@ def test_curl_mtls_fingerprints_match(
 
 
 def test_openssl_s_client_http10_without_host(relay: RelayProcess, certs: Certs) -> None:
-    openssl = require_tool("openssl")
     proxy = f"{relay.proxy[0]}:{relay.proxy[1]}"
-    proc = subprocess.run(
-        [
-            openssl,
-            "s_client",
-            "-proxy",
-            proxy,
-            "-connect",
-            f"{CP_HOST}:443",
-            "-servername",
-            CP_HOST,
-            "-CAfile",
-            str(certs.ca_file),
-            "-verify_return_error",
-            "-cert",
-            str(certs.client_cert),
-            "-key",
-            str(certs.client_key),
-            "-quiet",
-        ],
-        input=f"GET /whoami HTTP/1.1\r\nHost: {CP_HOST}\r\nConnection: close\r\n\r\n",
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
+    # openssl sends "CONNECT host:443 HTTP/1.0" with no Host header.
+    proc = s_client_whoami(
+        certs, "-proxy", proxy, "-connect", f"{CP_HOST}:443", "-servername", CP_HOST
     )
     assert certs.client_sha256 in proc.stdout, proc.stderr
-    # openssl sends "CONNECT host:443 HTTP/1.0" with no Host header.
     relay.wait_event(lambda e: e["event"] == "request" and e.get("status") == 200)
 
 
 def test_websocket_session_through_proxy(relay: RelayProcess, certs: Certs) -> None:
     from websockets.asyncio.client import connect
 
-    async def session() -> list[str]:
-        replies = []
+    async def session() -> list[str | bytes]:
         async with connect(
             f"wss://{CP_HOST}/v1/outlet",
             proxy=relay.proxy_url,
@@ -205,12 +74,7 @@ def test_websocket_session_through_proxy(relay: RelayProcess, certs: Certs) -> N
             ping_interval=0.05,
             open_timeout=WAIT,
         ) as ws:
-            for i in range(5):
-                await ws.send(f"ping-{i}")
-                replies.append(await asyncio.wait_for(ws.recv(), WAIT))
-            latency = await asyncio.wait_for(await ws.ping(), WAIT)
-            assert latency >= 0
-        return replies
+            return await outlet_echoes(ws)
 
     replies = asyncio.run(session())
     assert replies == [f"{certs.client_sha256}:ping-{i}" for i in range(5)]
@@ -218,51 +82,27 @@ def test_websocket_session_through_proxy(relay: RelayProcess, certs: Certs) -> N
 
 def test_clienthello_in_same_packet_as_head(relay: RelayProcess, certs: Certs) -> None:
     """The ClientHello rides in the CONNECT packet; the relay must forward it."""
-    ctx = certs.client_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=CP_HOST)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    hello = outgoing.read()
-    sock, head = connect_via(relay, f"{CP_HOST}:443", extra=hello)
+    client = MemoryTLS(certs.client_context(), CP_HOST)
+    sock, head = connect_via(relay, f"{CP_HOST}:443", extra=client.hello())
     with sock:
         status, _, rest = head.partition(b"\r\n\r\n")
         assert status == b"HTTP/1.1 200 Connection established"
-        incoming.write(rest)
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                if out := outgoing.read():
-                    sock.sendall(out)
-                data = sock.recv(65536)
-                assert data, "relay closed during handshake"
-                incoming.write(data)
-        tls.write(f"GET /whoami HTTP/1.1\r\nHost: {CP_HOST}\r\nConnection: close\r\n\r\n".encode())
-        sock.sendall(outgoing.read())
-        body = b""
-        while b"client_cert_sha256" not in body:
-            data = sock.recv(65536)
-            assert data
-            incoming.write(data)
-            try:
-                body += tls.read(65536)
-            except ssl.SSLWantReadError:
-                continue
+        client.incoming.write(rest)
+        client.finish_handshake(sock)
+        body = client.whoami(sock)
     assert certs.client_sha256.encode() in body
 
 
 # --- exact response, early bytes, refusals -------------------------------------------
 
 
-def test_200_is_exact_and_nothing_more(start_relay: Callable[..., RelayProcess]) -> None:
+def test_200_is_exact_and_nothing_more(start_relay: StartRelay) -> None:
     def greet(conn: socket.socket) -> None:
         conn.sendall(b"server-speaks-first")
         conn.recv(1)
 
     with tcp_peer(greet) as (port, _):
-        relay = start_relay(relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}))
+        relay = start_relay(peer_config(port))
         sock, head = connect_via(relay, f"{RAW_HOST}:443", version="HTTP/1.0")
         with sock:
             data = head + recv_exactly(sock, len(b"server-speaks-first") - (len(head) - 39))
@@ -283,9 +123,7 @@ def test_200_is_exact_and_nothing_more(start_relay: Callable[..., RelayProcess])
         (b"CONNECT cloud.konghq.com:443 HTTP/1.1\r\nX: " + b"a" * 17000 + b"\r\n\r\n", 431),
     ],
 )
-def test_refusals_dial_nothing(
-    start_relay: Callable[..., RelayProcess], head: bytes, status: int
-) -> None:
+def test_refusals_dial_nothing(start_relay: StartRelay, head: bytes, status: int) -> None:
     with tcp_peer(lambda c: None) as (port, accepted):
         static = {
             name: f"127.0.0.1:{port}"
@@ -312,15 +150,13 @@ def test_refusals_dial_nothing(
 
 
 def test_denied_body_names_host(relay: RelayProcess) -> None:
-    sock, head = connect_via(relay, "evil.com:443")
-    with sock:
-        reply = head + recv_all(sock)
+    reply = connect_reply(relay, "evil.com:443")
     assert reply.endswith(b"\r\n\r\n403 host not in Konnect allowlist: evil.com:443\n")
     samples = relay.metrics()
     assert samples['konnect_relay_requests_denied_total{reason="not_allowlisted"}'] == 1
 
 
-def test_head_timeout_408(start_relay: Callable[..., RelayProcess]) -> None:
+def test_head_timeout_408(start_relay: StartRelay) -> None:
     relay = start_relay(relay_config(limits={"head_timeout": 0.3}))
     with socket.create_connection(relay.proxy, timeout=WAIT) as sock:
         sock.sendall(b"CONNECT cloud.konghq.com:443 HTTP/1.1\r\n")
@@ -328,16 +164,14 @@ def test_head_timeout_408(start_relay: Callable[..., RelayProcess]) -> None:
     assert reply.startswith(b"HTTP/1.1 408 ")
 
 
-def test_connect_refused_502(start_relay: Callable[..., RelayProcess]) -> None:
+def test_connect_refused_502(start_relay: StartRelay) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]  # bound, not listening: connect is refused
         relay = start_relay(
             relay_config(resolver={"static": {CP_HOST: f"127.0.0.1:{closed_port}"}})
         )
-        sock, head = connect_via(relay, f"{CP_HOST}:443")
-        with sock:
-            reply = head + recv_all(sock)
+        reply = connect_reply(relay, f"{CP_HOST}:443")
     assert reply.startswith(b"HTTP/1.1 502 ")
     assert b"connection refused" in reply
     samples = relay.metrics()
@@ -348,16 +182,14 @@ def test_connect_refused_502(start_relay: Callable[..., RelayProcess]) -> None:
 
 
 def test_private_address_refused_without_allow_private(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
 ) -> None:
     with tcp_peer(lambda c: None) as (port, accepted):
         cfg = relay_config(
             resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}, "allow_private": False}
         )
         relay = start_relay(cfg)
-        sock, head = connect_via(relay, f"{RAW_HOST}:443")
-        with sock:
-            reply = head + recv_all(sock)
+        reply = connect_reply(relay, f"{RAW_HOST}:443")
         assert reply.startswith(b"HTTP/1.1 403 ")
         assert b"loopback" in reply
         assert accepted[0] == 0
@@ -366,7 +198,7 @@ def test_private_address_refused_without_allow_private(
 # --- half-close, backpressure ----------------------------------------------------------
 
 
-def test_half_close_client_first(start_relay: Callable[..., RelayProcess]) -> None:
+def test_half_close_client_first(start_relay: StartRelay) -> None:
     """Client sends, then EOF; the destination still answers after reading EOF."""
 
     def upper_after_eof(conn: socket.socket) -> None:
@@ -374,7 +206,7 @@ def test_half_close_client_first(start_relay: Callable[..., RelayProcess]) -> No
         conn.sendall(data.upper())
 
     with tcp_peer(upper_after_eof) as (port, _):
-        relay = start_relay(relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}))
+        relay = start_relay(peer_config(port))
         sock, head = connect_via(relay, f"{RAW_HOST}:443")
         with sock:
             assert head.startswith(b"HTTP/1.1 200 ")
@@ -386,7 +218,7 @@ def test_half_close_client_first(start_relay: Callable[..., RelayProcess]) -> No
     assert closed["bytes_up"] == 5000 and closed["bytes_down"] == 5000
 
 
-def test_half_close_upstream_first(start_relay: Callable[..., RelayProcess]) -> None:
+def test_half_close_upstream_first(start_relay: StartRelay) -> None:
     """The destination sends and EOFs; the client can still send, and it arrives."""
     received: list[bytes] = []
 
@@ -396,7 +228,7 @@ def test_half_close_upstream_first(start_relay: Callable[..., RelayProcess]) -> 
         received.append(recv_all(conn))
 
     with tcp_peer(speak_then_listen) as (port, _):
-        relay = start_relay(relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}))
+        relay = start_relay(peer_config(port))
         sock, head = connect_via(relay, f"{RAW_HOST}:443")
         with sock:
             rest = head.partition(b"\r\n\r\n")[2]
@@ -409,7 +241,7 @@ def test_half_close_upstream_first(start_relay: Callable[..., RelayProcess]) -> 
     assert closed["reason"] == "upstream_eof"
 
 
-def test_stalled_peer_bounds_memory(start_relay: Callable[..., RelayProcess]) -> None:
+def test_stalled_peer_bounds_memory(start_relay: StartRelay) -> None:
     """A destination that never reads while the client floods: the relay stops
     reading the client instead of buffering."""
     release = threading.Event()
@@ -418,21 +250,11 @@ def test_stalled_peer_bounds_memory(start_relay: Callable[..., RelayProcess]) ->
         release.wait(WAIT * 3)
 
     with tcp_peer(stall) as (port, _):
-        relay = start_relay(relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}))
+        relay = start_relay(peer_config(port))
         sock = open_tunnel(relay)
         rss_before = relay.rss_kib()
-        sent = 0
-        chunk = b"x" * 65536
-        sock.setblocking(False)
         limit = 512 * 1024 * 1024
-        while sent < limit:
-            _, writable, _ = select.select([], [sock], [], 0.5)
-            if not writable:
-                break  # the relay stopped reading: backpressure reached the client
-            try:
-                sent += sock.send(chunk)
-            except BlockingIOError:
-                continue
+        sent = flood(sock, limit, stall=0.5)
         rss_after = relay.rss_kib()
         release.set()
         sock.close()
@@ -445,13 +267,9 @@ def test_stalled_peer_bounds_memory(start_relay: Callable[..., RelayProcess]) ->
 # --- metrics -------------------------------------------------------------------------
 
 
-def test_byte_counters_live_and_reconnects(start_relay: Callable[..., RelayProcess]) -> None:
-    def echo(conn: socket.socket) -> None:
-        while data := conn.recv(65536):
-            conn.sendall(data)
-
+def test_byte_counters_live_and_reconnects(start_relay: StartRelay) -> None:
     with tcp_peer(echo) as (port, _):
-        relay = start_relay(relay_config(resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}))
+        relay = start_relay(peer_config(port))
         sock = open_tunnel(relay)
         sock.sendall(b"a" * 100_000)
         assert recv_exactly(sock, 100_000) == b"a" * 100_000
@@ -494,13 +312,9 @@ def test_byte_counters_live_and_reconnects(start_relay: Callable[..., RelayProce
         sock3.close()
 
 
-def test_idle_timeout_closes(start_relay: Callable[..., RelayProcess]) -> None:
-    with tcp_peer(lambda c: c.recv(1)) as (port, _):
-        relay = start_relay(
-            relay_config(
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}, limits={"idle_timeout": 0.4}
-            )
-        )
+def test_idle_timeout_closes(start_relay: StartRelay) -> None:
+    with tcp_peer(hold) as (port, _):
+        relay = start_relay(peer_config(port, limits={"idle_timeout": 0.4}))
         sock = open_tunnel(relay)
         with sock:
             closed = relay.wait_event(lambda e: e["event"] == "tunnel_closed")
@@ -512,17 +326,9 @@ def test_idle_timeout_closes(start_relay: Callable[..., RelayProcess]) -> None:
 # --- lifecycle ------------------------------------------------------------------------
 
 
-def test_drain_on_sigterm(start_relay: Callable[..., RelayProcess]) -> None:
-    def echo(conn: socket.socket) -> None:
-        while data := conn.recv(65536):
-            conn.sendall(data)
-
+def test_drain_on_sigterm(start_relay: StartRelay) -> None:
     with tcp_peer(echo) as (port, _):
-        relay = start_relay(
-            relay_config(
-                resolver={"static": {RAW_HOST: f"127.0.0.1:{port}"}}, limits={"drain_timeout": 1.5}
-            )
-        )
+        relay = start_relay(peer_config(port, limits={"drain_timeout": 1.5}))
         sock = open_tunnel(relay)
         assert relay.get("/readyz")[0] == 200
         relay.proc.terminate()
