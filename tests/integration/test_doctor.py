@@ -9,8 +9,6 @@ import io
 import re
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +18,6 @@ from typing import Any
 
 import pytest
 import uvloop
-import yaml
 from cryptography import x509
 
 from relay import config, doctor
@@ -36,8 +33,10 @@ from tests.conftest import (
     FakeControlPlane,
     LoopThread,
     free_port,
+    merge_config,
     relay_config,
 )
+from tests.helpers import relay_cli, silent_udp, write_config
 
 KONNECT = {"regions": ["eu"], "control_planes": ["dp-test"]}
 EXPIRY = re.compile(r"^(\d{4}-\d{2}-\d{2}) \((\d+) d\)$")
@@ -71,15 +70,7 @@ def parse_table(out: str) -> dict[str, dict[str, str]]:
 
 
 def run_doctor(tmp_path: Path, cfg: dict[str, Any], *args: str) -> Run:
-    path = tmp_path / "relay.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [sys.executable, "-m", "relay", "doctor", "--config", str(path), *args],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 3,
-        check=False,
-    )
+    proc = relay_cli("doctor", "--config", str(write_config(tmp_path, cfg)), *args)
     rows = parse_table(proc.stdout) if proc.stdout.startswith("HOST") else {}
     return Run(proc.returncode, proc.stdout, proc.stderr, rows)
 
@@ -87,12 +78,7 @@ def run_doctor(tmp_path: Path, cfg: dict[str, Any], *args: str) -> Run:
 def doctor_config(static: dict[str, str], **overrides: Any) -> dict[str, Any]:
     """The test config with Konnect scoped to eu/dp-test and ``static`` mapped;
     mapping overrides are merged one level deep, like relay_config does."""
-    cfg = relay_config(konnect=KONNECT, resolver={"static": static})
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            value = {**cfg[key], **value}
-        cfg[key] = value
-    return cfg
+    return merge_config(relay_config(konnect=KONNECT, resolver={"static": static}), **overrides)
 
 
 def cert_expiry(certs: Certs) -> str:
@@ -166,9 +152,8 @@ def nxdomain_ns(loop_thread: LoopThread) -> Iterator[int]:
 @pytest.fixture
 def silent_ns() -> Iterator[int]:
     """A DNS server that never answers."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
+    with silent_udp() as port:
+        yield port
 
 
 @dataclass

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import config
@@ -37,24 +36,30 @@ from relay.supervisor import (
     worker_count,
     worker_document,
 )
-from tests.conftest import RAW_HOST, WAIT, RelayProcess, relay_config
-from tests.integration.test_tunnels import connect_via, open_tunnel, recv_exactly, tcp_peer
+from tests.conftest import (
+    RAW_HOST,
+    WAIT,
+    RelayProcess,
+    StartRelay,
+    parse_samples,
+    peer_config,
+    relay_config,
+)
+from tests.helpers import (
+    ROOT,
+    connect_via,
+    echo,
+    echoes,
+    open_tunnel,
+    relay_cli,
+    tcp_peer,
+    write_config,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-UNIT = REPO / "deploy" / "systemd" / "konnect-relay.service"
+UNIT = ROOT / "deploy" / "systemd" / "konnect-relay.service"
 # P(64 connections all hashed to one of two workers) = 2**-63.
 MAX_SPREAD = 64
 HOST = f'host="{RAW_HOST}"'
-
-
-def echo(conn: socket.socket) -> None:
-    while data := conn.recv(65536):
-        conn.sendall(data)
-
-
-def assert_echoes(sock: socket.socket, payload: bytes = b"ping") -> None:
-    sock.sendall(payload)
-    assert recv_exactly(sock, len(payload)) == payload
 
 
 @pytest.fixture
@@ -64,12 +69,7 @@ def echo_port() -> Iterator[int]:
 
 
 def workers_config(port: int, **overrides: Any) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "workers": 2,
-        "resolver": {"static": {RAW_HOST: f"127.0.0.1:{port}"}},
-        **overrides,
-    }
-    return relay_config(**settings)
+    return peer_config(port, **{"workers": 2, **overrides})
 
 
 Event = dict[str, Any]
@@ -96,7 +96,7 @@ class Workers:
     rundir: Path  # the supervisor's private directory
 
 
-def start_workers(start: Callable[..., RelayProcess], cfg: dict[str, Any]) -> Workers:
+def start_workers(start: StartRelay, cfg: dict[str, Any]) -> Workers:
     """Start a 2-worker relay; consume the workers' startup lines (so a later
     wait for a worker's "listening" sees only a restart)."""
     relay = start(cfg)
@@ -144,13 +144,13 @@ def assert_closed(sock: socket.socket) -> None:
 
 
 def test_one_port_two_workers_aggregated_admin(
-    start_relay: Callable[..., RelayProcess], echo_port: int, sockets: list[socket.socket]
+    start_relay: StartRelay, echo_port: int, sockets: list[socket.socket]
 ) -> None:
     relay = start_workers(start_relay, workers_config(echo_port)).relay
     by_worker = spread(relay, sockets)
     socks = everything(by_worker)
     for n, sock in enumerate(socks, 1):
-        assert_echoes(sock, b"x" * n)
+        assert echoes(sock, b"x" * n)
     sent = sum(range(1, len(socks) + 1))
 
     status, body = relay.get("/tunnels")
@@ -177,9 +177,7 @@ def test_one_port_two_workers_aggregated_admin(
         sock.close()
 
 
-def test_listening_line_names_the_shared_port(
-    start_relay: Callable[..., RelayProcess], echo_port: int
-) -> None:
+def test_listening_line_names_the_shared_port(start_relay: StartRelay, echo_port: int) -> None:
     """The supervisor's own line comes first (tests and tools parse it) and
     every worker listens on exactly that port."""
     relay = start_relay(workers_config(echo_port))
@@ -198,13 +196,13 @@ def test_listening_line_names_the_shared_port(
 
 
 def test_killed_worker_is_restarted_and_the_other_untouched(
-    start_relay: Callable[..., RelayProcess], echo_port: int, sockets: list[socket.socket]
+    start_relay: StartRelay, echo_port: int, sockets: list[socket.socket]
 ) -> None:
     started = start_workers(start_relay, workers_config(echo_port))
     relay, pids = started.relay, started.pids
     by_worker = spread(relay, sockets)
     for sock in everything(by_worker):
-        assert_echoes(sock)
+        assert echoes(sock)
     opened = relay.metrics()[f"konnect_relay_tunnels_opened_total{{{HOST}}}"]
 
     os.kill(pids[0], signal.SIGKILL)
@@ -220,7 +218,7 @@ def test_killed_worker_is_restarted_and_the_other_untouched(
     for sock in by_worker[0]:
         assert_closed(sock)
     for sock in by_worker[1]:
-        assert_echoes(sock, b"still here")
+        assert echoes(sock, b"still here")
     samples = relay.metrics()
     assert samples["konnect_relay_worker_restarts_total{}"] == 1
     assert samples['konnect_relay_workers{state="up"}'] == 2
@@ -229,14 +227,12 @@ def test_killed_worker_is_restarted_and_the_other_untouched(
     assert samples[f"konnect_relay_tunnels_active{{{HOST}}}"] == len(by_worker[1])
     assert {t["worker"] for t in json.loads(relay.get("/tunnels")[1])} == {1}
     sockets.append(open_tunnel(relay))
-    assert_echoes(sockets[-1])  # and new tunnels work
+    assert echoes(sockets[-1])  # and new tunnels work
     for sock in everything(by_worker):
         sock.close()
 
 
-def test_workers_die_with_a_killed_supervisor(
-    start_relay: Callable[..., RelayProcess], echo_port: int
-) -> None:
+def test_workers_die_with_a_killed_supervisor(start_relay: StartRelay, echo_port: int) -> None:
     """PR_SET_PDEATHSIG: no orphaned worker keeps the port."""
     started = start_workers(start_relay, workers_config(echo_port))
     fds = [os.pidfd_open(pid) for pid in started.pids.values()]
@@ -256,14 +252,7 @@ def test_worker_failing_at_startup_is_fatal(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:  # no SO_REUSEPORT: workers fail
         port = taken.getsockname()[1]
         cfg = relay_config(workers=2, listen=[{"address": f"127.0.0.1:{port}"}])
-        path = tmp_path / "relay.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        done = subprocess.run(
-            [sys.executable, "-m", "relay", "run", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=WAIT * 3,
-        )
+        done = relay_cli("run", "--config", str(write_config(tmp_path, cfg)))
     assert done.returncode == 1
     assert "cannot listen" in done.stderr
     assert "while starting" in done.stderr
@@ -274,23 +263,23 @@ def test_worker_failing_at_startup_is_fatal(tmp_path: Path) -> None:
 
 
 def test_sighup_invalid_is_refused_valid_reaches_every_worker(
-    start_relay: Callable[..., RelayProcess], echo_port: int, sockets: list[socket.socket]
+    start_relay: StartRelay, echo_port: int, sockets: list[socket.socket]
 ) -> None:
     cfg = workers_config(echo_port)
     relay = start_workers(start_relay, cfg).relay
     by_worker = spread(relay, sockets)
 
-    relay.config_path.write_text(yaml.safe_dump({**cfg, "limits": {"idle_timeout": -1}}))
-    relay.proc.send_signal(signal.SIGHUP)
+    relay.rewrite({**cfg, "limits": {"idle_timeout": -1}})
+    relay.sighup()
     failed = relay.wait_event(lambda e: e["event"] == "reload_failed")
     assert "worker" not in failed  # refused by the supervisor itself
     assert failed["errors"] == ["limits.idle_timeout: must be > 0"]
     assert relay.metrics()['konnect_relay_config_reloads_total{result="error"}'] == 1
     for sock in everything(by_worker):
-        assert_echoes(sock)
+        assert echoes(sock)
 
-    relay.config_path.write_text(yaml.safe_dump({**cfg, "deny": [RAW_HOST]}))
-    relay.proc.send_signal(signal.SIGHUP)
+    relay.rewrite({**cfg, "deny": [RAW_HOST]})
+    relay.sighup()
     for i in (0, 1):
         done = relay.wait_event(from_worker("reloaded", i))
         assert done["revoked"] == len(by_worker[i])
@@ -315,7 +304,7 @@ def test_sighup_invalid_is_refused_valid_reaches_every_worker(
 
 
 def test_sigterm_drains_every_worker_and_exits_0(
-    start_relay: Callable[..., RelayProcess], echo_port: int, sockets: list[socket.socket]
+    start_relay: StartRelay, echo_port: int, sockets: list[socket.socket]
 ) -> None:
     cfg = workers_config(echo_port, limits={"drain_timeout": 1.5})
     relay = start_workers(start_relay, cfg).relay
@@ -326,7 +315,7 @@ def test_sigterm_drains_every_worker_and_exits_0(
         relay.wait_event(from_worker("draining", i))
     assert relay.get("/readyz")[0] == 503
     for sock in everything(by_worker):
-        assert_echoes(sock, b"still flowing")  # live tunnels run on while draining
+        assert echoes(sock, b"still flowing")  # live tunnels run on while draining
     for sock in everything(by_worker):
         closed = relay.wait_event(lambda e: e["event"] == "tunnel_closed")
         assert closed["reason"] == "drain"
@@ -376,14 +365,14 @@ def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sd_notify_ready_reloading_stopping(
-    start_relay: Callable[..., RelayProcess],
+    start_relay: StartRelay,
     echo_port: int,
     notify_socket: NotifySocket,
     workers: int,
 ) -> None:
     relay = start_relay(workers_config(echo_port, workers=workers))
     messages = [notify_socket.recv()]
-    relay.proc.send_signal(signal.SIGHUP)
+    relay.sighup()
     relay.wait_event(from_supervisor("reloaded"))
     messages += [notify_socket.recv(), notify_socket.recv()]
     relay.proc.terminate()
@@ -441,19 +430,10 @@ konnect_relay_config_reloads_total{result="ok"} 1.0
 """
 
 
-def _samples(text: str) -> dict[str, float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
-
-
 def _merged() -> dict[str, float]:
     sources = [list(text_string_to_metric_families(t)) for t in (WORKER_A, WORKER_B)]
     own = list(text_string_to_metric_families(OWN))
-    return _samples(render(aggregate(sources, own)).decode())
+    return parse_samples(render(aggregate(sources, own)).decode())
 
 
 @pytest.mark.parametrize(
@@ -477,7 +457,7 @@ def test_aggregate(sample: str, value: float) -> None:
 
 def test_aggregate_of_nothing_is_the_supervisor_alone() -> None:
     own = list(text_string_to_metric_families(OWN))
-    assert _samples(render(aggregate([[], []], own)).decode()) == {
+    assert parse_samples(render(aggregate([[], []], own)).decode()) == {
         'konnect_relay_config_reloads_total{result="ok"}': 1
     }
 
