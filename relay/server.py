@@ -20,7 +20,7 @@ from collections.abc import Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
-from relay import config, connect, proxyproto, tlspeek
+from relay import config, connect, proxyproto, splice, tlspeek
 from relay.auth import CHALLENGE, AuthError
 from relay.config import ListenModel, Settings, TLSModel
 from relay.egress import Dialer, DialError, make_dialers
@@ -624,8 +624,9 @@ class Relay:
         """(reason, detail) when a new connection must be refused at once."""
         if len(self.pending) >= self.settings.limits.max_pending_heads:
             return "too_many_pending", "too many connections without a request head"
-        # Each tunnel (or dial in progress) holds two descriptors, a pending head one.
-        used = len(self.pending) + 2 * (self.dialing + len(self.tunnels))
+        # Each tunnel (or dial in progress) holds two descriptors, a pending head
+        # one, and tunnels moving bulk data a pipe (two) per busy direction.
+        used = len(self.pending) + 2 * (self.dialing + len(self.tunnels)) + splice.pipe_fds()
         if used + FD_RESERVE >= self.fd_limit:
             return "fd_limit", "relay is at its open-file limit; retry shortly"
         return None

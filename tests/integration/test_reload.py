@@ -92,6 +92,7 @@ def test_invalid_config_keeps_old_running(start_relay: StartRelay, how: str) -> 
             # The old listener and the old policy still serve new tunnels.
             with open_tunnel(relay) as again:
                 assert echoes(again, b"new")
+            relay.wait_event(lambda e: e["event"] == "tunnel_closed")  # the relay saw it go
             assert relay.get("/readyz")[0] == 200
             samples = relay.metrics()
             assert samples['konnect_relay_config_reloads_total{result="error"}'] == 1
