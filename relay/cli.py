@@ -106,14 +106,15 @@ def cmd_policy(args: argparse.Namespace) -> int:
     settings = _load(args.config)
     host, port = split_target(args.target)
     decision = settings.policy.decide(host, port)
-    verdict = "allow" if decision.allowed else "deny"
-    print(f"{verdict} {args.target}")
-    print(f"  reason: {decision.reason.value}")
+    via = settings.route(decision.host, port) if decision.allowed else None
+    allowed = decision.allowed and via != "deny"
+    print(f"{'allow' if allowed else 'deny'} {args.target}")
+    print(f"  reason: {decision.reason.value if via != 'deny' else 'route_denied'}")
     print(f"  rule:   {decision.rule or '-'}")
     print(f"  detail: {decision.detail}")
-    if decision.allowed:
-        print(f"  egress: {settings.egress}")
-    return 0 if decision.allowed else 1
+    if via is not None:
+        print(f"  egress: {via}")
+    return 0 if allowed else 1
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:

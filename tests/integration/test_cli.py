@@ -297,3 +297,31 @@ def test_run_port_in_use_exits_1(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "cannot listen" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("target", "code", "lines"),
+    [
+        ("a1.eu.cp0.konghq.com:443", 0, ["allow a1.eu.cp0.konghq.com:443", "  egress: ssh"]),
+        ("x.example.com:443", 1, ["deny x.example.com:443", "  reason: route_denied"]),
+        ("y.example.com:443", 0, ["allow y.example.com:443", "  egress: direct"]),
+    ],
+)
+def test_policy_names_the_route(tmp_path: Path, target: str, code: int, lines: list[str]) -> None:
+    """`policy` prints the egress egress.routes picks, and a `deny` route denies."""
+    config = {
+        "allow": ["x.example.com", "y.example.com"],
+        "egress": {
+            "mode": "direct",
+            "ssh": {"host": "bastion.test", "username": "u", "known_hosts": "/dev/null"},
+            "routes": [
+                {"match": ["*.konghq.com"], "via": "ssh"},
+                {"match": ["x.example.com"], "via": "deny"},
+            ],
+        },
+    }
+    path = write_config(tmp_path, config)
+    proc = relay_cli("policy", target, "--config", str(path))
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    for line in lines:
+        assert line in proc.stdout.splitlines(), proc.stdout
