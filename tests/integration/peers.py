@@ -85,6 +85,32 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+# The peer runs under a shell that holds it on a leash. The shell's stdin is a
+# pipe from the test process, which the kernel closes when the test run ends
+# however it ends (a CI timeout kills pytest before any fixture teardown); a
+# watcher then stops the peer. The shell itself waits for the peer, so a
+# killed peer is reaped at once (squid refuses to start while the pid in its
+# pid file exists, a zombie's included). (A background job's stdin is
+# /dev/null, hence fd 3.) A parent-death signal would not do: squid changes
+# its user id, which clears it.
+LEASH = """\
+exec 3<&0
+"$@" </dev/null 3<&- & child=$!
+{ read -r _ <&3; kill -TERM "$child"; sleep 2; kill -KILL "$child"; } 2>/dev/null &
+exec 3<&-
+watcher=$!
+wait "$child"; status=$?
+kill "$watcher" 2>/dev/null
+exit "$status"
+"""
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 class Process:
     """An external peer: started in its own process group, its output read by
     a thread (so it never blocks on a full pipe), ready once a line matches."""
@@ -105,8 +131,8 @@ class Process:
     def start(self) -> None:
         self._queue = queue.Queue()
         self.proc = subprocess.Popen(
-            self.argv(),
-            stdin=subprocess.DEVNULL,
+            ["/bin/sh", "-c", LEASH, "sh", *self.argv()],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -154,38 +180,36 @@ class Process:
         return "".join(self.lines[-60:])
 
     def kill(self) -> None:
-        """SIGKILL the process, its process group and every descendant: sshd's
-        per-connection children run in sessions of their own (setsid)."""
+        """SIGKILL the peer and every process below it (sshd's per-connection
+        children run in sessions of their own). The leash shell is left to
+        reap the peer, so no zombie keeps its pid (squid refuses to start
+        while the pid in its pid file exists), and then exits."""
         proc = self.proc
         if proc is None:
             return
         if proc.poll() is None:
-            family = descendants(proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            for pid in family:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        proc.wait(WAIT)
-        self._finish()
-
-    def stop(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            family = descendants(proc.pid)
+            signal_all(descendants(proc.pid), signal.SIGKILL)
             try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(STOP_GRACE)
-            except ProcessLookupError:
-                pass
+                proc.wait(WAIT)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(WAIT)
-            for pid in family:  # whatever outlived its parent
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        self._finish()
+
+    def stop(self) -> None:
+        """SIGTERM the peer; SIGKILL whatever is left after STOP_GRACE."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            family = descendants(proc.pid)
+            signal_all(family, signal.SIGTERM)
+            try:
+                proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return
+            signal_all(family, signal.SIGKILL)  # whatever outlived its parent
         self._finish()
 
     def _finish(self) -> None:
@@ -197,6 +221,9 @@ class Process:
         stdout = self.proc.stdout if self.proc is not None else None
         if stdout is not None and (reader is None or not reader.is_alive()):
             stdout.close()
+        if self.proc is not None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
         self.proc = None
 
     def restart(self) -> None:
