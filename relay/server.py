@@ -165,15 +165,8 @@ class ClientConnection(asyncio.Protocol):
             self.cert = cert_name(transport.get_extra_info("peercert"))
         if self.need_proxy_header and not self.listener.trusts(self.client_ip):
             relay.metrics.requests_denied.labels("untrusted_proxy").inc()
-            relay.log(
-                "request",
-                client=self.peer,
-                listener=self.listener.name,
-                allowed=False,
-                status=0,
-                reason="untrusted_proxy",
-                detail="PROXY protocol listener: source is not in trusted_proxies",
-            )
+            detail = "PROXY protocol listener: source is not in trusted_proxies"
+            self.log_request("", False, 0, "untrusted_proxy", detail=detail)
             self.transport.abort()  # type: ignore[union-attr]
             return
         if self.listener.ssl is None:
@@ -294,18 +287,7 @@ class ClientConnection(asyncio.Protocol):
         self.end_head_phase()
         relay = self.relay
         relay.metrics.requests_denied.labels(reason).inc()
-        relay.log(
-            "request",
-            client=self.peer,
-            listener=self.listener.name,
-            identity=self.identity or None,
-            target=target,
-            allowed=False,
-            status=status,
-            reason=reason,
-            detail=detail,
-            **extra,
-        )
+        self.log_request(target, False, status, reason, detail=detail, **extra)
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if not self.listener.sni:
@@ -326,6 +308,22 @@ class ClientConnection(asyncio.Protocol):
                 self.timer = relay.loop.call_later(LINGER_TIMEOUT, transport.close)
             else:
                 transport.close()
+
+    def log_request(
+        self, target: str, allowed: bool, status: int, reason: str, **fields: Any
+    ) -> None:
+        """The one decision line per request (no header value but the target)."""
+        self.relay.log(
+            "request",
+            client=self.peer,
+            listener=self.listener.name,
+            identity=self.identity or None,
+            target=target,
+            allowed=allowed,
+            status=status,
+            reason=reason,
+            **fields,
+        )
 
     def eof_received(self) -> bool:
         if self.lingering:
@@ -797,18 +795,8 @@ class Relay:
                     detail = f"connect to {target} timed out after {timeout:g} s"
                     self._dial_failed(conn, dialer, target, started, 504, "timeout", detail, extra)
                     return
-                self.log(
-                    "request",
-                    client=conn.peer,
-                    listener=conn.listener.name,
-                    identity=identity,
-                    target=target,
-                    allowed=True,
-                    status=0,
-                    reason="client_gone",
-                    dial_ms=round((self.loop.time() - started) * 1000, 3),
-                    **extra,
-                )
+                dial_ms = round((self.loop.time() - started) * 1000, 3)
+                conn.log_request(target, True, 0, "client_gone", dial_ms=dial_ms, **extra)
                 raise
             finally:
                 timer.cancel()
@@ -851,15 +839,11 @@ class Relay:
             tunnel.start(client, dialled.transport, early, pending, dialled.leftover, peek)
             if conn.client_eof:
                 cast(asyncio.Protocol, client.get_protocol()).eof_received()
-            self.log(
-                "request",
-                client=conn.peer,
-                listener=conn.listener.name,
-                identity=identity,
-                target=target,
-                allowed=True,
-                status=200,
-                reason=decision.reason.value,
+            conn.log_request(
+                target,
+                True,
+                200,
+                decision.reason.value,
                 egress=dialer.name,
                 upstream=dialled.peer,
                 dial_ms=round(elapsed * 1000, 3),
