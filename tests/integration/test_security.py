@@ -1164,10 +1164,10 @@ def test_fd_exhaustion_refuses_then_recovers(start_relay: StartRelay) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="connections still in the TLS handshake are not counted by Relay.fd_exhausted "
-    "(ClientConnection.connection_made runs only after the handshake), so idle TLS "
-    "clients take the relay to EMFILE: nothing is refused, logged or counted, and the "
-    "admin endpoint cannot accept",
+    reason="a TLS handshake counts as a pending head from accept, but the event loop "
+    "gives the protocol no transport before the handshake ends, so an idle TLS client "
+    "over the fd budget cannot be refused: it holds its descriptor until head_timeout, "
+    "and enough of them reach EMFILE",
 )
 def test_fd_exhaustion_by_tls_handshakes_is_refused_and_counted(
     start_relay: StartRelay, certs: Certs, listener_certs: ListenerCerts
