@@ -15,12 +15,12 @@ peers see no FIN and no RST, and no byte was read that has not been forwarded.
 
 From then on a ``Link`` drives two ``Pump`` objects, one per direction, from
 the event loop with ``add_reader``/``add_writer`` on the raw descriptors: no
-coroutine and no task per tunnel. A pump reads its source only while its pipe
-is empty and waits for the destination to become writable while the pipe holds
-bytes, so a stalled peer holds at most one pipe's capacity per direction in
-the kernel and nothing in the relay (symmetric, bounded backpressure). EOF is
-forwarded with ``shutdown(SHUT_WR)`` once the pipe is drained; the other
-direction keeps flowing until it ends too.
+coroutine and no task per tunnel. A pump reads its source while its pipe has
+room and waits for the destination to become writable while the pipe holds
+bytes; a full pipe stops the reading. So a stalled peer holds at most one
+pipe's capacity per direction, in the kernel, and nothing in the relay
+(symmetric, bounded backpressure). EOF is forwarded with ``shutdown(SHUT_WR)``
+once the pipe is drained; the other direction keeps flowing until it ends too.
 
 Pipes are created when a direction first moves data and closed again when it
 has been quiet for ``PIPE_IDLE`` seconds, so a long-lived tunnel that once
