@@ -26,7 +26,6 @@ import os
 import select
 import socket
 import ssl
-import subprocess
 import threading
 import warnings
 from collections.abc import Callable, Coroutine, Iterator
@@ -70,8 +69,8 @@ from tests.conftest import (
     RelayProcess,
     free_port,
     relay_config,
-    require_tool,
 )
+from tests.helpers import curl_whoami
 from tests.integration.peers import (
     PROXY_PASSWORD,
     PROXY_USER,
@@ -1084,31 +1083,9 @@ def test_curl_mtls_fingerprints(
     fake_cp: FakeControlPlane,
     egress: Egress,
 ) -> None:
-    curl = require_tool("curl")
     relay = start_via(start_relay, egress, fake_cp.port)
     seen_before = len(fake_cp.seen)
-    out = subprocess.run(
-        [
-            curl,
-            "-sS",
-            "--fail",
-            "--max-time",
-            "10",
-            "--proxy",
-            relay.proxy_url,
-            "--cacert",
-            str(certs.ca_file),
-            "--cert",
-            str(certs.client_cert),
-            "--key",
-            str(certs.client_key),
-            f"https://{CP_HOST}/whoami",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-        check=True,
-    )
+    out = curl_whoami(certs, "--fail", "--proxy", relay.proxy_url, check=True)
     assert json.loads(out.stdout)["client_cert_sha256"] == certs.client_sha256
     assert fake_cp.seen[seen_before:] == [certs.client_sha256]
     established(relay, egress)
