@@ -111,6 +111,18 @@ def signal_all(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
+def _bastion_egress(bastion: Any, **extra: Any) -> dict[str, Any]:
+    """The relay's ``egress.ssh`` section for a bastion peer (sshd or asyncssh)."""
+    return {
+        "host": "127.0.0.1",
+        "port": bastion.port,
+        "username": bastion.user,
+        "client_keys": [str(bastion.client_key)],
+        "known_hosts": str(bastion.known_hosts),
+        **extra,
+    }
+
+
 class Process:
     """An external peer: started in its own process group, its output read by
     a thread (so it never blocks on a full pipe), ready once a line matches."""
@@ -406,15 +418,7 @@ LogLevel VERBOSE
     def argv(self) -> list[str]:
         return [self.binary, "-D", "-e", "-f", str(self.conf)]
 
-    def egress(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "host": "127.0.0.1",
-            "port": self.port,
-            "username": self.user,
-            "client_keys": [str(self.client_key)],
-            "known_hosts": str(self.known_hosts),
-            **extra,
-        }
+    egress = _bastion_egress
 
 
 class AsyncsshBastion:
@@ -487,12 +491,4 @@ class AsyncsshBastion:
         self.kill()
         self.start()
 
-    def egress(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "host": "127.0.0.1",
-            "port": self.port,
-            "username": self.user,
-            "client_keys": [str(self.client_key)],
-            "known_hosts": str(self.known_hosts),
-            **extra,
-        }
+    egress = _bastion_egress
