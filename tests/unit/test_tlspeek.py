@@ -25,6 +25,8 @@ from relay.tlspeek import (
     MAX_CLIENT_HELLO,
     ClientHello,
     PeekError,
+    _one_record,
+    _parse_records,
     alert,
     looks_like_tls,
     parse_client_hello,
@@ -675,12 +677,34 @@ REAL_STREAMS = [
 
 def parse_or_reason(buf: bytes, **kwargs: int) -> ClientHello | str | None:
     """parse_client_hello, with a PeekError turned into its reason; anything
-    else it raises fails the test."""
+    else it raises fails the test. Checks on the way that the one-record fast
+    path answers only where the full parser accepts, and with the same hello."""
     try:
-        return parse_client_hello(buf, **kwargs)
+        result: ClientHello | str | None = parse_client_hello(buf, **kwargs)
     except PeekError as exc:
         assert exc.reason in ("not_tls", "malformed", "too_large", "not_client_hello")
-        return exc.reason
+        result = exc.reason
+    try:
+        full: ClientHello | str | None = _parse_records(buf, **kwargs)
+    except PeekError as exc:
+        full = exc.reason
+    fast = _one_record(buf, **kwargs)
+    assert fast is None or fast == full, (fast, full)
+    assert result == full
+    return result
+
+
+def test_fast_path_takes_real_hellos() -> None:
+    for stream in REAL_STREAMS:
+        fast = _one_record(stream, max_size=MAX_CLIENT_HELLO)
+        assert fast is not None
+        assert fast == _parse_records(stream, max_size=MAX_CLIENT_HELLO)
+
+
+@pytest.mark.parametrize(("case", "stream"), MALFORMED, ids=[c for c, _ in MALFORMED])
+def test_fast_path_leaves_malformed_to_the_full_parser(case: str, stream: bytes) -> None:
+    assert _one_record(stream, max_size=MAX_CLIENT_HELLO) is None
+    assert parse_or_reason(stream) == "malformed"
 
 
 @settings(max_examples=PROPERTY_EXAMPLES)
