@@ -115,6 +115,7 @@ class Resolver:
     __slots__ = (
         "_cache",
         "_dns",
+        "_literals",
         "_verdicts",
         "allow_private",
         "allowed_networks",
@@ -145,6 +146,8 @@ class Resolver:
         self.listening: set[tuple[str, int]] = set()
         self._verdicts: dict[str, tuple[IPAddress, str | None, bool]] = {}
         self._cache: dict[str, tuple[float, tuple[tuple[int, str], ...]]] = {}
+        # Address literals (every static mapping's target, say) parsed once.
+        self._literals: dict[str, tuple[tuple[int, str], ...]] = {}
 
     async def resolve(self, host: str, port: int) -> list[Endpoint]:
         """Checked endpoints for host:port, in the order Happy Eyeballs should try."""
@@ -214,13 +217,19 @@ class Resolver:
         return False
 
     async def _lookup(self, host: str) -> tuple[tuple[int, str], ...]:
+        literal = self._literals.get(host)
+        if literal is not None:
+            return literal
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
             pass
         else:
             family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            return ((family, str(ip)),)
+            if len(self._literals) >= MAX_CACHE_ENTRIES:
+                self._literals.clear()
+            literal = self._literals[host] = ((family, str(ip)),)
+            return literal
         if self._dns is not None:
             return await _dns_lookup(self._dns, host)
         loop = asyncio.get_running_loop()

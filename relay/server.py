@@ -835,6 +835,7 @@ class Relay:
                     tunnel,
                     host if konnect_cfg.check_sni else None,
                     self.settings.limits.tls_peek_timeout,
+                    self.loop,
                 )
             tunnel.start(client, dialled.transport, early, pending, dialled.leftover, peek)
             if conn.client_eof:

@@ -139,11 +139,16 @@ class PeekHello(asyncio.Protocol):
 
     __slots__ = ("buf", "expect", "timer", "tunnel")
 
-    def __init__(self, tunnel: Tunnel, expect: str | None, timeout: float) -> None:
+    def __init__(
+        self,
+        tunnel: Tunnel,
+        expect: str | None,
+        timeout: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.tunnel = tunnel
         self.expect = expect
         self.buf = b""
-        loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = loop.call_later(timeout, self.fail, "tls_timeout")
 
     def data_received(self, data: bytes) -> None:

@@ -20,11 +20,11 @@ T = TypeVar("T")
 
 def keepalive(transport: asyncio.BaseTransport) -> None:
     """TCP keepalive, so a dead peer behind a NAT is noticed even on a silent
-    tunnel, and TCP_NODELAY: tunnels carry TLS records, latency matters."""
+    tunnel. (TCP_NODELAY, which tunnels of TLS records want, is set by the
+    event loop itself on every TCP transport, uvloop and asyncio alike.)"""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Attempt(asyncio.Protocol):
