@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -51,6 +52,11 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
         print(f"cannot listen: {exc}", file=sys.stderr)
         await relay.stop()
         return 1
+    # Everything built so far (config, policy, metrics, imported modules) lives
+    # as long as the process: out of the collector's sight, so that a full
+    # collection walks only per-tunnel objects and stays short.
+    gc.collect()
+    gc.freeze()
     if args.pid_file:
         Path(args.pid_file).write_text(f"{os.getpid()}\n")
     notify("READY=1")
