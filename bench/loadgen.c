@@ -2,7 +2,7 @@
  * loadgen: the load side of the konnect-relay benchmark.
  *
  * One single-threaded epoll program with four modes, so that the load is never
- * the bottleneck of what it measures:
+ * the bottleneck of what it measures, and a fifth, a reference relay:
  *
  *   loadgen sink  [--port P] [--lifetime S]
  *       The destination. Listens on 127.0.0.1:P (0 = any), prints {"port": P}
@@ -21,6 +21,12 @@
  *       Opens tunnels up to each step, each verified end to end by a one-byte
  *       echo, prints a JSON line per step and waits for a line on stdin before
  *       the next step; closes everything after the last line.
+ *
+ *   loadgen refrelay --upstream H:P [--port P] [--lifetime S]
+ *       A minimal CONNECT relay in C, the ceiling to compare relays with:
+ *       reads the request head, dials the fixed upstream H:P (whatever the
+ *       CONNECT names), answers 200 and splices bytes both ways. Prints
+ *       {"port": P, "pid": N} and runs until stdin closes, like the sink.
  *
  * Without --connect the client talks to --to directly (the direct path);
  * with it, --to is an HTTP proxy and every tunnel starts with
@@ -960,6 +966,338 @@ static int run_idle(long *steps, int nsteps, double hold) {
     return 0;
 }
 
+/* --------------------------------------------------------------- refrelay */
+
+/*
+ * The reference relay: the least a CONNECT relay must do on this machine, as
+ * a ceiling to read the real relays against. It is not a proxy: no policy,
+ * no log, no name lookup; it ignores the CONNECT target and dials the one
+ * upstream given on the command line. Per tunnel: read the request head,
+ * connect, answer 200, then move bytes each way with splice(2) through one
+ * pipe per direction (socket -> pipe -> socket, no copy through user space),
+ * with the pipe size and TCP_NOTSENT_LOWAT that relay/splice.py uses.
+ */
+
+/* Largest request head: a Kong CONNECT head is < 200 bytes; anything longer
+ * without its blank line is not a CONNECT request worth reading. */
+#define REF_MAX_HEAD 8192
+/* Capacity asked for each pipe, the most one splice moves (as relay/splice.py);
+ * if the kernel refuses (pipe-user-pages-soft), the pipe keeps its default. */
+#define REF_PIPE_SIZE (1 << 20)
+/* Unsent bytes the kernel queues per socket once connected (as relay/splice.py):
+ * bounds what a stalled peer pins and was faster on loopback than no limit. */
+#define REF_NOTSENT_LOWAT (128 * 1024)
+/* splice calls per direction per event, so one bulk tunnel cannot hold up the
+ * others; level-triggered epoll reports what is left on the next round. */
+#define REF_ROUNDS 16
+
+static const char REF_OK[] = "HTTP/1.1 200 Connection Established\r\n\r\n";
+
+enum { R_HEAD, R_CONNECTING, R_OPEN, R_CLOSED };
+
+typedef struct ref_tunnel ref_tunnel;
+
+/* One socket of a tunnel as epoll sees it (data.ptr points here). */
+typedef struct {
+    ref_tunnel *t;
+    int fd;
+    uint32_t events; /* interest registered with epoll; 0 = not registered */
+} ref_end;
+
+/* One direction: end[d] -> pipe -> end[1 - d]. */
+typedef struct {
+    int pr, pw;     /* the pipe's read and write ends */
+    size_t pending; /* bytes in the pipe */
+    unsigned char eof, full, done;
+} ref_dir;
+
+struct ref_tunnel {
+    unsigned char state;
+    ref_end end[2]; /* 0: client, 1: upstream */
+    ref_dir dir[2]; /* 0: client -> upstream, 1: upstream -> client */
+    char *head;     /* the request head and any bytes behind it, until open */
+    size_t got, head_len;
+    ref_tunnel *next_dead;
+};
+
+static int g_ref_ep = -1;
+static struct sockaddr_in g_ref_upstream;
+/* Tunnels closed during one batch of events, freed after it: a later event of
+ * the same batch may still point at them. */
+static ref_tunnel *g_ref_dead;
+/* Sentinels for the listener and stdin in epoll's data.ptr. */
+static ref_end g_ref_listener = {.fd = -1}, g_ref_stdin = {.fd = 0};
+static int g_ref_paused; /* listener out of the epoll set after EMFILE */
+
+static void ref_watch(ref_end *e, uint32_t events) {
+    if (events == e->events) return;
+    struct epoll_event ev = {.events = events, .data.ptr = e};
+    /* An fd left in the set with no interest would still report EPOLLHUP and
+     * EPOLLERR (level-triggered, unmaskable): out of the set it stays quiet. */
+    int op = events == 0 ? EPOLL_CTL_DEL : e->events == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+    epoll_ctl(g_ref_ep, op, e->fd, &ev);
+    e->events = events;
+}
+
+static void ref_close(ref_tunnel *t) {
+    for (int i = 0; i < 2; i++) {
+        if (t->end[i].fd >= 0) close(t->end[i].fd); /* also leaves the epoll set */
+        if (t->dir[i].pr >= 0) close(t->dir[i].pr);
+        if (t->dir[i].pw >= 0) close(t->dir[i].pw);
+    }
+    free(t->head);
+    t->head = NULL;
+    t->state = R_CLOSED;
+    t->next_dead = g_ref_dead;
+    g_ref_dead = t;
+    if (g_ref_paused) { /* a descriptor came free: accept again */
+        g_ref_paused = 0;
+        ref_watch(&g_ref_listener, EPOLLIN);
+    }
+}
+
+/* Interest of each socket: readable while its outgoing direction's pipe has
+ * room, writable while the incoming direction's pipe holds bytes. */
+static void ref_rearm(ref_tunnel *t) {
+    for (int e = 0; e < 2; e++) {
+        ref_dir *out = &t->dir[e], *in = &t->dir[1 - e];
+        uint32_t ev = 0;
+        if (!out->done && !out->eof && !out->full) ev |= EPOLLIN;
+        if (!in->done && in->pending) ev |= EPOLLOUT;
+        ref_watch(&t->end[e], ev);
+    }
+}
+
+/* Moves what it can through direction d; returns -1 when the tunnel must close. */
+static int ref_pump(ref_tunnel *t, int d) {
+    ref_dir *p = &t->dir[d];
+    int src = t->end[d].fd, dst = t->end[1 - d].fd;
+    int out_blocked = 0;
+    for (int round = 0; round < REF_ROUNDS && !p->done; round++) {
+        if (p->pending && !out_blocked) {
+            ssize_t n = splice(p->pr, NULL, dst, NULL, p->pending, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n > 0) {
+                p->pending -= (size_t)n;
+                p->full = 0;
+            } else if (n < 0 && errno == EAGAIN) {
+                out_blocked = 1;
+            } else if (n < 0 && errno != EINTR) {
+                return -1;
+            }
+        }
+        if (p->eof || p->full) break;
+        ssize_t n = splice(src, NULL, p->pw, NULL, REF_PIPE_SIZE, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n > 0) {
+            p->pending += (size_t)n;
+        } else if (n == 0) {
+            p->eof = 1;
+        } else if (errno == EAGAIN) {
+            /* The socket is empty or the pipe is full; with bytes in the pipe
+             * take it as full and read again once some went out. */
+            if (p->pending) p->full = 1;
+            return 0;
+        } else if (errno != EINTR) {
+            return -1;
+        }
+    }
+    if (p->eof && !p->pending && !p->done) { /* EOF goes out after the last byte */
+        shutdown(dst, SHUT_WR);
+        p->done = 1;
+    }
+    return 0;
+}
+
+/* The upstream answered: 200 to the client, bytes behind the head upstream. */
+static void ref_open(ref_tunnel *t) {
+    int lowat = REF_NOTSENT_LOWAT;
+    for (int i = 0; i < 2; i++) {
+        setsockopt(t->end[i].fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof lowat);
+        int p[2];
+        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0) {
+            ref_close(t);
+            return;
+        }
+        t->dir[i].pr = p[0];
+        t->dir[i].pw = p[1];
+        fcntl(p[1], F_SETPIPE_SZ, REF_PIPE_SIZE);
+    }
+    ssize_t ok_len = (ssize_t)sizeof REF_OK - 1;
+    if (send(t->end[0].fd, REF_OK, (size_t)ok_len, MSG_NOSIGNAL) != ok_len) {
+        ref_close(t);
+        return;
+    }
+    /* Bytes the client sent behind its head start the upstream pipe (at most
+     * REF_MAX_HEAD bytes: an empty pipe holds them even at two pages). */
+    size_t extra = t->got - t->head_len;
+    if (extra) {
+        if (write(t->dir[0].pw, t->head + t->head_len, extra) != (ssize_t)extra) {
+            ref_close(t);
+            return;
+        }
+        t->dir[0].pending = extra;
+    }
+    free(t->head);
+    t->head = NULL;
+    t->state = R_OPEN;
+    if (extra && ref_pump(t, 0) < 0) {
+        ref_close(t);
+        return;
+    }
+    ref_rearm(t);
+}
+
+static void ref_connect(ref_tunnel *t) {
+    int u = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (u < 0) {
+        ref_close(t);
+        return;
+    }
+    int one = 1;
+    setsockopt(u, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    t->end[1].fd = u;
+    ref_watch(&t->end[0], 0); /* nothing more is read from the client until open */
+    if (connect(u, (struct sockaddr *)&g_ref_upstream, sizeof g_ref_upstream) == 0) {
+        ref_open(t);
+    } else if (errno == EINPROGRESS) {
+        t->state = R_CONNECTING;
+        ref_watch(&t->end[1], EPOLLOUT);
+    } else {
+        ref_close(t);
+    }
+}
+
+/* Reads the head: "CONNECT ..." up to the blank line, within REF_MAX_HEAD. */
+static void ref_read_head(ref_tunnel *t) {
+    for (;;) {
+        ssize_t r = recv(t->end[0].fd, t->head + t->got, REF_MAX_HEAD - t->got, 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0 && errno == EAGAIN) return;
+        if (r <= 0) {
+            ref_close(t);
+            return;
+        }
+        size_t from = t->got > 3 ? t->got - 3 : 0;
+        t->got += (size_t)r;
+        char *end = memmem(t->head + from, t->got - from, "\r\n\r\n", 4);
+        if (end) {
+            t->head_len = (size_t)(end + 4 - t->head);
+            if (t->head_len < 8 || memcmp(t->head, "CONNECT ", 8) != 0) ref_close(t);
+            else ref_connect(t);
+            return;
+        }
+        if (t->got == REF_MAX_HEAD) {
+            ref_close(t);
+            return;
+        }
+    }
+}
+
+static void ref_event(ref_end *e, uint32_t events) {
+    ref_tunnel *t = e->t;
+    int side = (int)(e - t->end);
+    if (t->state == R_HEAD) {
+        ref_read_head(t);
+        return;
+    }
+    if (t->state == R_CONNECTING) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(t->end[1].fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err || (events & EPOLLERR)) ref_close(t);
+        else ref_open(t);
+        return;
+    }
+    /* Readable: the direction this socket feeds; writable: the one it drains.
+     * An error or hang-up goes to both, where the next splice reports it. */
+    uint32_t broken = events & (EPOLLERR | EPOLLHUP);
+    if (((events & EPOLLIN) || broken) && ref_pump(t, side) < 0) {
+        ref_close(t);
+        return;
+    }
+    if (((events & EPOLLOUT) || broken) && ref_pump(t, 1 - side) < 0) {
+        ref_close(t);
+        return;
+    }
+    if (t->dir[0].done && t->dir[1].done) ref_close(t);
+    else ref_rearm(t);
+}
+
+static void ref_accept(int ls) {
+    for (;;) {
+        int c = accept4(ls, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (c < 0) {
+            if (errno == EMFILE || errno == ENFILE) { /* wait for a close, don't spin */
+                g_ref_paused = 1;
+                ref_watch(&g_ref_listener, 0);
+            }
+            return;
+        }
+        ref_tunnel *t = calloc(1, sizeof *t);
+        char *head = malloc(REF_MAX_HEAD);
+        if (!t || !head) {
+            free(t);
+            free(head);
+            close(c);
+            continue;
+        }
+        int one = 1;
+        setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        t->head = head;
+        t->state = R_HEAD;
+        for (int i = 0; i < 2; i++) {
+            t->end[i].t = t;
+            t->end[i].fd = -1;
+            t->dir[i].pr = t->dir[i].pw = -1;
+        }
+        t->end[0].fd = c;
+        ref_watch(&t->end[0], EPOLLIN);
+    }
+}
+
+static int run_refrelay(int port, const char *upstream, double lifetime) {
+    parse_hostport(upstream, &g_ref_upstream);
+    int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(ls, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind: %s", strerror(errno));
+    if (listen(ls, LISTEN_BACKLOG) < 0) die("listen: %s", strerror(errno));
+    socklen_t sl = sizeof sa;
+    getsockname(ls, (struct sockaddr *)&sa, &sl);
+
+    g_ref_ep = epoll_create1(EPOLL_CLOEXEC);
+    g_ref_listener.fd = ls;
+    ref_watch(&g_ref_listener, EPOLLIN);
+    ref_watch(&g_ref_stdin, EPOLLIN); /* stdin closing ends the relay */
+
+    printf("{\"port\": %d, \"pid\": %d}\n", ntohs(sa.sin_port), (int)getpid());
+    fflush(stdout);
+
+    double deadline = now_s() + lifetime;
+    struct epoll_event evs[MAX_EVENTS];
+    while (!g_stop && now_s() < deadline) {
+        int n = epoll_wait(g_ref_ep, evs, MAX_EVENTS, 1000);
+        for (int i = 0; i < n; i++) {
+            ref_end *e = evs[i].data.ptr;
+            if (e == &g_ref_stdin) {
+                char b[256];
+                if (read(0, b, sizeof b) <= 0) g_stop = 1;
+            } else if (e == &g_ref_listener) {
+                ref_accept(ls);
+            } else if (e->t->state != R_CLOSED) {
+                ref_event(e, evs[i].events);
+            }
+        }
+        while (g_ref_dead) {
+            ref_tunnel *t = g_ref_dead;
+            g_ref_dead = t->next_dead;
+            free(t);
+        }
+    }
+    return 0;
+}
+
 /* ------------------------------------------------------------------- main */
 
 static void usage(void) {
@@ -968,6 +1306,7 @@ static void usage(void) {
             "       loadgen bulk  --to H:P [--connect NAME:PORT] --dir up|down --tunnels N --bytes B\n"
             "       loadgen setup --to H:P [--connect NAME:PORT] --concurrency C --duration S [--max N]\n"
             "       loadgen idle  --to H:P [--connect NAME:PORT] --steps N1,N2,... [--hold S]\n"
+            "       loadgen refrelay --upstream H:P [--port P] [--lifetime S]\n"
             "common: [--timeout S] [--watch PID,...] [--load-pid PID] [--sni NAME]\n");
     exit(2);
 }
@@ -975,7 +1314,7 @@ static void usage(void) {
 int main(int argc, char **argv) {
     if (argc < 2) usage();
     const char *mode = argv[1];
-    const char *to = NULL, *dir = "up", *steps_s = "1000", *sni = "bench.eu.cp0.konghq.com";
+    const char *to = NULL, *upstream = NULL, *dir = "up", *steps_s = "1000", *sni = "bench.eu.cp0.konghq.com";
     int port = 0, tunnels = 1, conc = 1;
     double lifetime = 3600, duration = 1, hold = 120;
     long max = 0;
@@ -989,6 +1328,7 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--port")) port = atoi(v);
         else if (!strcmp(a, "--lifetime")) lifetime = atof(v);
         else if (!strcmp(a, "--to")) to = v;
+        else if (!strcmp(a, "--upstream")) upstream = v;
         else if (!strcmp(a, "--connect")) g_cfg.connect_name = v;
         else if (!strcmp(a, "--sni")) sni = v;
         else if (!strcmp(a, "--dir")) dir = v;
@@ -1013,10 +1353,15 @@ int main(int argc, char **argv) {
     struct sigaction sa = {.sa_handler = on_signal};
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
-    /* Every mode ends by itself: the watchdog stops a wedged run. */
-    if (strcmp(mode, "sink") != 0) alarm((unsigned)(g_cfg.timeout + hold * 8 + 30));
+    /* Every client mode ends by itself: the watchdog stops a wedged run. */
+    int server = !strcmp(mode, "sink") || !strcmp(mode, "refrelay");
+    if (!server) alarm((unsigned)(g_cfg.timeout + hold * 8 + 30));
 
     if (!strcmp(mode, "sink")) return run_sink(port, lifetime);
+    if (!strcmp(mode, "refrelay")) {
+        if (!upstream) usage();
+        return run_refrelay(port, upstream, lifetime);
+    }
     if (!to) usage();
     parse_hostport(to, &g_cfg.to);
     build_client_hello(sni);
