@@ -1,9 +1,15 @@
-"""Benchmark konnect-relay against the direct path, squid and tinyproxy.
+"""Benchmark konnect-relay against the direct path, a C reference, squid and tinyproxy.
 
 One command, loopback only, bounded in time, every process it starts stopped
 on the way out (even on error or Ctrl-C):
 
     .venv/bin/python bench/run.py [--smoke] [--only relay,squid,...] [--out bench/out]
+
+The targets: ``direct`` (the load generator straight to the sink),
+``c-splice`` (``loadgen refrelay``: a minimal single-threaded C relay that
+splices, the ceiling for any relay on this machine, with no policy and no
+log), ``relay``, ``relay-w2`` (the relay with ``workers: 2`` on both cores;
+setup figures only), ``squid`` and ``tinyproxy``.
 
 What it measures, per proxy, in the same run:
 
@@ -14,8 +20,9 @@ What it measures, per proxy, in the same run:
 - RSS with 0, 1,000 and 5,000 idle tunnels, each verified end to end by a
   one-byte echo, on a fresh proxy process per repetition -> KB per tunnel;
 - the proxy's CPU share during each figure (utime+stime of its process tree
-  from /proc/PID/stat), and how busy each core was (/proc/stat, which also
-  counts the softirq time where loopback TCP does much of its work).
+  from /proc/PID/stat, in cores: 1.0 = one core busy, so relay-w2 can reach
+  2.0), and how busy each core was (/proc/stat, which also counts the softirq
+  time where loopback TCP does much of its work).
 
 Method: the proxy under test is pinned to core 0, the load generator and the
 sink to core 1 (taskset). The load is ``bench/loadgen.c``, compiled here with
@@ -27,7 +34,9 @@ and the repetitions interleave the proxies so that drift from other load on
 the machine spreads over all of them. The relay runs with its normal
 features on (policy, metrics, JSON log to a file) and is reached with
 ``CONNECT bench.eu.cp0.konghq.com:443``, mapped onto the sink with
-``resolver.static``; squid and tinyproxy get ``CONNECT 127.0.0.1:<sink>``.
+``resolver.static``; squid, tinyproxy and c-splice get ``CONNECT
+127.0.0.1:<sink>`` (c-splice dials the sink whatever the CONNECT names).
+relay-w2 is pinned to cores 0 and 1, so it shares core 1 with the load.
 
 Output: ``<out>/results.json`` and ``<out>/results.md`` (tables and the
 machine they ran on).
@@ -69,7 +78,18 @@ PROXY_CORE = 0
 LOAD_CORE = 1
 # The Konnect name the relay is asked for; resolver.static maps it onto the sink.
 RELAY_TARGET = "bench.eu.cp0.konghq.com:443"
-ALL_PROXIES = ("direct", "relay", "squid", "tinyproxy")
+ALL_PROXIES = ("direct", "c-splice", "relay", "relay-w2", "squid", "tinyproxy")
+# Column headings where the name alone would mislead.
+LABELS = {"c-splice": "c-splice (reference)"}
+# The targets that run the bulk and the idle figures (the setup figures run on all):
+# relay-w2 answers a question about tunnel setup only; c-splice holds six
+# descriptors per tunnel (two pipes), which the 20,000-fd cap does not allow
+# 5,000 times, and most of its per-tunnel memory is in the kernel, not in RSS.
+BULK_TARGETS = frozenset(ALL_PROXIES) - {"relay-w2"}
+IDLE_TARGETS = frozenset({"relay", "squid", "tinyproxy"})
+# Cores each target is pinned to; the load is always on LOAD_CORE.
+RELAY_WORKERS = 2
+WORKERS_CORES = "0,1"
 SETUP_CONCURRENCY = (1, 64)
 BULK_TUNNELS = (1, 8)
 # A proxy that does not answer a CONNECT within this is broken, not slow.
@@ -109,16 +129,23 @@ class BenchError(Exception):
 
 
 class Server:
-    """A background process in its own process group, pinned to one core."""
+    """A background process in its own process group, pinned to cores ("0", "0,1").
 
-    def __init__(self, name: str, argv: Sequence[str], core: int, workdir: Path) -> None:
+    With ``stdin_pipe`` its stdin is a pipe held open until stop(): loadgen's
+    reference relay, like its sink, exits when stdin closes, so it cannot
+    outlive this process even if this one is killed.
+    """
+
+    def __init__(
+        self, name: str, argv: Sequence[str], cores: str, workdir: Path, stdin_pipe: bool = False
+    ) -> None:
         self.name = name
         self.leftovers: list[Path] = []  # files to remove once stopped
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            ["taskset", "-c", str(core), *argv],
-            stdin=subprocess.DEVNULL,
+            ["taskset", "-c", cores, *argv],
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=workdir,
@@ -140,6 +167,9 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
         stop_group(self.proc)
         self._log.close()  # idempotent, as is stop_group
         for path in self.leftovers:
@@ -325,10 +355,11 @@ DisableViaHeader Yes
 """
 
 
-def relay_conf(port: int, admin_port: int, sink_port: int) -> str:
+def relay_conf(port: int, admin_port: int, sink_port: int, workers: int = 1) -> str:
     static = json.dumps({RELAY_TARGET: f"127.0.0.1:{sink_port}"})
     return f"""\
 # Written by bench/run.py: the default config plus a static mapping onto the sink.
+workers: {workers}
 listen:
   - address: 127.0.0.1:{port}
 admin:
@@ -351,6 +382,7 @@ def start_target(name: str, sink: Sink, workdir: Path) -> Target:
     sink_addr = f"127.0.0.1:{sink.port}"
     pdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
     leftovers: list[Path] = []
+    cores, stdin_pipe = str(PROXY_CORE), False
     if name == "squid":
         binary = require_binary("squid")
         user = "proxy" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
@@ -372,18 +404,27 @@ def start_target(name: str, sink: Sink, workdir: Path) -> Target:
         pdir.chmod(0o777)  # tinyproxy may drop to nobody before opening its log
         argv = [binary, "-d", "-c", str(pdir / "tinyproxy.conf")]
         target = Target(name, f"127.0.0.1:{port}", sink_addr)
-    elif name == "relay":
+    elif name in ("relay", "relay-w2"):
         if not (ROOT / "relay" / "cli.py").exists() or not VENV_PYTHON.exists():
             raise BenchError("relay: relay/cli.py or .venv/bin/python missing")
         conf = pdir / "relay.yaml"
-        conf.write_text(relay_conf(port, free_port(), sink.port))
+        workers = RELAY_WORKERS if name == "relay-w2" else 1
+        conf.write_text(relay_conf(port, free_port(), sink.port, workers))
         argv = [str(VENV_PYTHON), "-m", "relay", "run", "--config", str(conf)]
         target = Target(name, f"127.0.0.1:{port}", RELAY_TARGET)
+        if workers > 1:
+            cores = WORKERS_CORES
+    elif name == "c-splice":
+        argv = [str(LOADGEN), "refrelay", "--port", str(port), "--upstream", sink_addr]
+        stdin_pipe = True
+        target = Target(name, f"127.0.0.1:{port}", sink_addr)
     else:
         raise BenchError(f"unknown proxy {name!r}")
-    target.server = Server(name, argv, PROXY_CORE, pdir)
+    target.server = Server(name, argv, cores, pdir, stdin_pipe)
     target.server.leftovers = leftovers
     try:
+        if name == "relay-w2":
+            wait_workers(target.server, RELAY_WORKERS)
         wait_ready(target)
     except BaseException:
         target.server.stop()
@@ -396,6 +437,35 @@ def require_binary(name: str) -> str:
     if path is None:
         raise BenchError(f"{name} is not installed (apt-get install {name})")
     return path
+
+
+def wait_workers(server: Server, workers: int) -> None:
+    """Waits for the supervisor's own "listening" line, which it logs once every
+    worker listens, and checks that the process tree whose CPU time is counted
+    holds the supervisor and all its workers."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise BenchError(f"{server.name} exited:\n{server.log_tail()}")
+        with contextlib.suppress(OSError):
+            for line in server.log_path.read_text(errors="replace").splitlines():
+                if '"event":"listening"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line still being written
+                if "worker" in record:
+                    continue  # a worker's line, passed through
+                if record.get("workers") != workers:
+                    got = record.get("workers")
+                    raise BenchError(f"{server.name}: {got} workers, not {workers}")
+                pids = process_tree(server.pid)
+                if len(pids) < 1 + workers:
+                    raise BenchError(f"{server.name}: process tree {pids} lacks workers")
+                return
+        time.sleep(0.05)
+    raise BenchError(f"{server.name}: no listening line after {START_TIMEOUT:.0f}s")
 
 
 def wait_ready(target: Target) -> None:
@@ -676,6 +746,8 @@ def run_throughput(res: Results, sink: Sink, workdir: Path, stack: contextlib.Ex
             for tunnels in BULK_TUNNELS:
                 fig = bulk_figure(direction, tunnels)
                 for target in targets:
+                    if target.name not in BULK_TARGETS:
+                        continue
                     rec = slim(run_bulk(target, sink, prof, direction, tunnels))
                     res.add(target.name, fig, rec)
                     rate = rec["bytes_per_s"] / 1e6
@@ -700,8 +772,8 @@ def run_memory(res: Results, sink: Sink, workdir: Path) -> None:
     prof = res.profile
     for rep in range(prof.reps):
         for name in res.proxies:
-            if name == "direct":
-                continue  # no proxy, no memory to measure
+            if name not in IDLE_TARGETS:
+                continue  # no proxy (direct), or a figure it skips (see IDLE_TARGETS)
             target = start_target(name, sink, workdir)
             assert target.server is not None
             try:
@@ -758,6 +830,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "setup_request_bytes": 64,
             "idle_steps": list(prof.idle_steps),
             "relay_target": RELAY_TARGET,
+            "target_cores": {
+                n: WORKERS_CORES if n == "relay-w2" else str(PROXY_CORE)
+                for n in proxies
+                if n != "direct"
+            },
+            "relay_w2_workers": RELAY_WORKERS,
+            # proxy_cpu is CPU seconds of the process tree per second: 1.0 is one core.
+            "proxy_cpu_unit": "cores",
             "background_core_busy": {"before": background, "after": background_after},
         },
         "proxies": res.figures(),
@@ -801,24 +881,39 @@ def setup_cell(key: str, record: dict[str, Any]) -> str:
     return f"{record[key]:.3f}"
 
 
+def table_head(names: Sequence[str]) -> str:
+    cols = [LABELS.get(n, n) for n in names]
+    return "| | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols)
+
+
 def to_markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     meth = results["method"]
     figs: dict[str, dict[str, Any]] = results["proxies"]
     names = list(figs)
-    proxies = [n for n in names if n != "direct"]
-    head = "| | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
+    bulk_names = [n for n in names if any(f.startswith("bulk_") for f in figs[n])]
+    idle_names = [n for n in names if "idle" in figs[n]]
+    w2_cores = meth.get("target_cores", {}).get("relay-w2")
+    w2_text = f" (relay-w2: cores {w2_cores})" if w2_cores else ""
     out = [
         f"### Benchmark results ({results['mode']} mode, {results['started']})",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, Linux {m['kernel']}; "
         f"Python {m['python']}, uvloop {m['uvloop']}; {m['squid']}; {m['tinyproxy']}; "
         f"open files capped at {m['open_files_cap']['hard']:,} per process. "
-        f"Proxy pinned to core {meth['proxy_core']}, loadgen and sink to core "
+        f"Proxy pinned to core {meth['proxy_core']}{w2_text}, loadgen and sink to core "
         f"{meth['load_core']}; median of {meth['repetitions']} run(s); "
-        f"relay at commit {m['relay_commit']}.",
+        f"relay at commit {m['relay_commit']}. Proxy CPU is the CPU time of the proxy's "
+        "whole process tree per second of the figure: 100% is one core busy.",
         "",
     ]
+    if "c-splice" in figs:
+        out += [
+            "c-splice (reference) is `loadgen refrelay`: a minimal single-threaded C relay "
+            "(epoll, splice through a pipe per direction) with no policy, no log and a fixed "
+            "upstream; the least any relay must do here, not a product.",
+            "",
+        ]
     bg = meth["background_core_busy"]
     noisy = max(bg["before"] + bg["after"], default=0.0)
     if noisy > NOISY_BACKGROUND:
@@ -830,17 +925,18 @@ def to_markdown(results: dict[str, Any]) -> str:
         ]
     size = meth["bulk_bytes_per_figure"]
     size_text = f"{size / (1 << 30):g} GiB" if size >= 1 << 30 else f"{size / (1 << 20):g} MiB"
-    out += [
-        f"Bulk throughput ({size_text} per figure): MB/s · proxy process CPU share · "
-        f"busy share of core {meth['proxy_core']} (proxy) / core {meth['load_core']} (load)",
-        "",
-        head.rstrip("\n"),
-    ]
+    if bulk_names:
+        out += [
+            f"Bulk throughput ({size_text} per figure): MB/s · proxy CPU · "
+            f"busy share of core {meth['proxy_core']} (proxy) / core {meth['load_core']} (load)",
+            "",
+            table_head(bulk_names),
+        ]
     for direction, label in (("up", "upload"), ("down", "download")):
-        for tunnels in BULK_TUNNELS:
+        for tunnels in BULK_TUNNELS if bulk_names else ():
             fig = bulk_figure(direction, tunnels)
             cells = []
-            for n in names:
+            for n in bulk_names:
                 r = figs[n].get(fig)
                 if r is None:
                     cells.append("-")
@@ -856,62 +952,98 @@ def to_markdown(results: dict[str, Any]) -> str:
         f"Tunnel setup, closed loop for {meth['setup_seconds']:g} s: connect, CONNECT, 200, "
         "64-byte request and reply, close",
         "",
-        head.rstrip("\n"),
+        table_head(names),
     ]
     for conc in SETUP_CONCURRENCY:
         fig = setup_figure(conc)
         for label, key in SETUP_ROWS:
             vals = [setup_cell(key, figs[n][fig]) if fig in figs[n] else "-" for n in names]
             out.append(f"| c={conc} {label} | " + " | ".join(vals) + " |")
-    if proxies:
+    if "relay-w2" in figs:
+        out += [
+            "",
+            f"relay-w2 is the relay with `workers: {meth.get('relay_w2_workers', RELAY_WORKERS)}` "
+            f"(a supervisor and its workers) allowed on cores {w2_cores} "
+            f"(`taskset -c {w2_cores}`): the load generator and the sink still run on core "
+            f"{meth['load_core']}, so the relay shares that core with them. Its proxy CPU "
+            "counts the supervisor and both workers (up to 200%).",
+        ]
+    if idle_names:
         out += [
             "",
             "Idle tunnels (each verified end to end), RSS of a fresh proxy process",
             "",
-            "| | " + " | ".join(proxies) + " |\n|---|" + "---:|" * len(proxies),
+            table_head(idle_names),
         ]
         steps = [0, *meth["idle_steps"]]
         for i, count in enumerate(steps):
             vals = []
-            for n in proxies:
-                idle = figs[n].get("idle")
-                vals.append(f"{idle['steps'][i]['rss_kb'] / 1024:,.1f}" if idle else "-")
+            for n in idle_names:
+                idle = figs[n]["idle"]
+                vals.append(f"{idle['steps'][i]['rss_kb'] / 1024:,.1f}")
             out.append(f"| RSS MB, {count:,} tunnels | " + " | ".join(vals) + " |")
         for i, count in enumerate(steps[1:], start=1):
             vals = []
-            for n in proxies:
-                idle = figs[n].get("idle")
-                vals.append(f"{idle['steps'][i]['kb_per_tunnel']:.1f}" if idle else "-")
+            for n in idle_names:
+                idle = figs[n]["idle"]
+                vals.append(f"{idle['steps'][i]['kb_per_tunnel']:.1f}")
             out.append(f"| KB per tunnel at {count:,} | " + " | ".join(vals) + " |")
-    if "relay" in figs and "squid" in figs:
-        out += ["", *ratio_lines(figs)]
+    ratios = ratio_lines(figs)
+    if ratios:
+        out += ["", *ratios]
     return "\n".join(out) + "\n"
 
 
+def ratio(figs: dict[str, dict[str, Any]], a: str, b: str, fig: str, key: str) -> float | None:
+    """Target a's figure over target b's, None when either is missing or zero."""
+    x = figs.get(a, {}).get(fig, {}).get(key)
+    y = figs.get(b, {}).get(fig, {}).get(key)
+    return x / y if x and y else None
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def ratio_lines(figs: dict[str, dict[str, Any]]) -> list[str]:
-    """The relay against squid (and tinyproxy) on the figures the issue's targets name."""
-    relay = figs["relay"]
-
-    def ratio(fig: str, key: str, other: str) -> str:
-        a = relay.get(fig, {}).get(key)
-        b = figs.get(other, {}).get(fig, {}).get(key)
-        return f"{a / b:.2f}x" if a and b else "-"
-
-    rows = (
-        ("1-tunnel upload", "bulk_up_1", "bytes_per_s"),
-        ("1-tunnel upload per proxy CPU-second", "bulk_up_1", "bytes_per_cpu_s"),
-        ("1-tunnel download", "bulk_down_1", "bytes_per_s"),
-        ("1-tunnel download per proxy CPU-second", "bulk_down_1", "bytes_per_cpu_s"),
-        ("8-tunnel upload", "bulk_up_8", "bytes_per_s"),
-        ("8-tunnel download", "bulk_down_8", "bytes_per_s"),
-        ("setup rate c=64", "setup_c64", "tunnels_per_s"),
-        ("setup rate c=64 per proxy CPU-second", "setup_c64", "tunnels_per_cpu_s"),
-        ("p99 at c=1 (lower is better)", "setup_c1", "p99_ms"),
-        ("KB per idle tunnel (lower is better)", "idle", "kb_per_tunnel"),
-    )
-    lines = ["Relay / squid (/ tinyproxy), same run:", ""]
-    for label, fig, key in rows:
-        lines.append(f"- {label}: {ratio(fig, key, 'squid')} (/ {ratio(fig, key, 'tinyproxy')})")
+    """The relay against squid (and tinyproxy) on the figures the issue's targets name,
+    against the C reference, and with two workers against one."""
+    lines: list[str] = []
+    if "relay" in figs and "squid" in figs:
+        rows = (
+            ("1-tunnel upload", "bulk_up_1", "bytes_per_s"),
+            ("1-tunnel upload per proxy CPU-second", "bulk_up_1", "bytes_per_cpu_s"),
+            ("1-tunnel download", "bulk_down_1", "bytes_per_s"),
+            ("1-tunnel download per proxy CPU-second", "bulk_down_1", "bytes_per_cpu_s"),
+            ("8-tunnel upload", "bulk_up_8", "bytes_per_s"),
+            ("8-tunnel download", "bulk_down_8", "bytes_per_s"),
+            ("setup rate c=64", "setup_c64", "tunnels_per_s"),
+            ("setup rate c=64 per proxy CPU-second", "setup_c64", "tunnels_per_cpu_s"),
+            ("p99 at c=1 (lower is better)", "setup_c1", "p99_ms"),
+            ("KB per idle tunnel (lower is better)", "idle", "kb_per_tunnel"),
+        )
+        lines += ["Relay / squid (/ tinyproxy), same run:", ""]
+        for label, fig, key in rows:
+            sq = fmt_ratio(ratio(figs, "relay", "squid", fig, key))
+            tp = fmt_ratio(ratio(figs, "relay", "tinyproxy", fig, key))
+            lines.append(f"- {label}: {sq} (/ {tp})")
+    if "relay" in figs and "c-splice" in figs:
+        reference = (
+            ("1-tunnel upload", "bulk_up_1", "bytes_per_s"),
+            ("1-tunnel download", "bulk_down_1", "bytes_per_s"),
+            ("setup rate c=64", "setup_c64", "tunnels_per_s"),
+        )
+        lines += [*([""] if lines else []), "Relay as a share of c-splice (the C reference):", ""]
+        for label, fig, key in reference:
+            share = ratio(figs, "relay", "c-splice", fig, key)
+            lines.append(f"- {label}: {'-' if share is None else f'{100 * share:.0f}%'}")
+    if "relay" in figs and "relay-w2" in figs:
+        w2 = fmt_ratio(ratio(figs, "relay-w2", "relay", "setup_c64", "tunnels_per_s"))
+        lines += [
+            *([""] if lines else []),
+            f"relay-w2 / relay, setup rate c=64: {w2} (two workers on two cores, one of them "
+            "shared with the load, against one worker on a core of its own)",
+        ]
     return lines
 
 

@@ -4,17 +4,26 @@ Runs ``bench/run.py --smoke`` (a few seconds: one repetition, tiny sizes) in a
 subprocess and checks that results.json holds every figure for every target
 with plausible numbers. The full benchmark is not part of the test run.
 
+The reference relay (``loadgen refrelay``, the ``c-splice`` target) is also
+checked for correctness on its own: a ceiling that dropped or reordered bytes
+would be a fast wrong answer.
+
 squid and tinyproxy are Debian packages; without them the test skips locally
 and fails in CI (``CI`` set), where they must be installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +31,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"
-TARGETS = ("direct", "relay", "squid", "tinyproxy")
-PROXIES = ("relay", "squid", "tinyproxy")
+TARGETS = ("direct", "c-splice", "relay", "relay-w2", "squid", "tinyproxy")
+# relay-w2 runs the setup figures only; c-splice and direct have no idle figure.
+BULK_TARGETS = ("direct", "c-splice", "relay", "squid", "tinyproxy")
+IDLE_TARGETS = ("relay", "squid", "tinyproxy")
+# Cores a target may keep busy: its proxy_cpu can reach this many times 1.0.
+CORES = {"relay-w2": 2}
 BULK = ("bulk_up_1", "bulk_up_8", "bulk_down_1", "bulk_down_8")
 SETUP = ("setup_c1", "setup_c64")
 # Smoke mode takes ~15 s here; the margin covers a loaded CI runner.
@@ -35,7 +48,7 @@ def missing_tools() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     missing = missing_tools()
     if missing:
         reason = f"benchmark needs {', '.join(missing)} (apt-get install squid tinyproxy)"
@@ -53,18 +66,23 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         timeout=SMOKE_TIMEOUT,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert (out / "results.md").read_text().count("|") > 50
-    data: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(run_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((run_dir / "results.json").read_text())
     return data
 
 
-def is_share(x: Any) -> bool:
-    """A CPU share: a number between 0 and 1 (a little over, from tick rounding).
+def is_share(x: Any, cores: int = 1) -> bool:
+    """A CPU share in cores: between 0 and the cores the target may use (a little
+    over, from tick rounding).
 
     Smoke runs last tens of milliseconds, a few 10 ms ticks, so a share of 0 is
     a possible reading; the full run lasts seconds per figure.
     """
-    return isinstance(x, int | float) and 0 <= x <= 1.5
+    return isinstance(x, int | float) and 0 <= x <= 1.5 * cores
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT + 30)
@@ -79,7 +97,7 @@ def test_every_target_is_measured(results: dict[str, Any]) -> None:
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT + 30)
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", BULK_TARGETS)
 @pytest.mark.parametrize("figure", BULK)
 def test_bulk_figure(results: dict[str, Any], target: str, figure: str) -> None:
     fig = results["proxies"][target][figure]
@@ -107,12 +125,12 @@ def test_setup_figure(results: dict[str, Any], target: str, figure: str) -> None
     if target == "direct":
         assert fig["proxy_cpu"] is None
     else:
-        assert is_share(fig["proxy_cpu"])
+        assert is_share(fig["proxy_cpu"], CORES.get(target, 1))
         assert fig["proxy_cpu"] > 0  # hundreds of tunnels over 0.3 s: many ticks
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT + 30)
-@pytest.mark.parametrize("target", PROXIES)
+@pytest.mark.parametrize("target", IDLE_TARGETS)
 def test_idle_figure(results: dict[str, Any], target: str) -> None:
     fig = results["proxies"][target]["idle"]
     steps = results["method"]["idle_steps"]
@@ -123,5 +141,197 @@ def test_idle_figure(results: dict[str, Any], target: str) -> None:
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT + 30)
-def test_direct_has_no_memory_figure(results: dict[str, Any]) -> None:
-    assert "idle" not in results["proxies"]["direct"]
+@pytest.mark.parametrize(
+    ("target", "figures"),
+    [
+        ("direct", (*BULK, *SETUP)),
+        ("c-splice", (*BULK, *SETUP)),
+        ("relay-w2", SETUP),
+    ],
+)
+def test_targets_skip_figures(
+    results: dict[str, Any], target: str, figures: tuple[str, ...]
+) -> None:
+    assert sorted(results["proxies"][target]) == sorted(figures)
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT + 30)
+def test_workers_run_on_two_cores(results: dict[str, Any]) -> None:
+    method = results["method"]
+    assert method["target_cores"]["relay-w2"] == "0,1"
+    assert method["target_cores"]["relay"] == method["target_cores"]["c-splice"] == "0"
+    assert method["relay_w2_workers"] == 2
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT + 30)
+def test_markdown_compares_with_the_reference_and_workers(run_dir: Path) -> None:
+    md = (run_dir / "results.md").read_text()
+    assert md.count("|") > 50
+    assert "| c-splice (reference) |" in md
+    assert "Relay / squid (/ tinyproxy), same run:" in md
+    assert "Relay as a share of c-splice (the C reference):" in md
+    shares = [line for line in md.splitlines() if line.startswith("- setup rate c=64: ")]
+    assert any(line.endswith("%") for line in shares)
+    assert "relay-w2 / relay, setup rate c=64: " in md
+
+
+# --- the reference relay ----------------------------------------------------------
+
+OK = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+HEAD = b"CONNECT ignored.example:443 HTTP/1.1\r\nHost: ignored.example:443\r\n\r\n"
+# Bounds every socket wait in these tests.
+WAIT = 10.0
+# Enough to need many splice calls and a full pipe each way.
+BULK_BYTES = 24 << 20
+
+
+@pytest.fixture(scope="module")
+def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """loadgen compiled as the benchmark does, with warnings as errors."""
+    if shutil.which("gcc") is None:
+        if os.environ.get("CI"):
+            pytest.fail("gcc is missing")
+        pytest.skip("needs gcc")
+    binary = tmp_path_factory.mktemp("loadgen") / "loadgen"
+    src = ROOT / "bench" / "loadgen.c"
+    cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(binary), str(src)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    return binary
+
+
+@pytest.fixture
+def upstream() -> Iterator[socket.socket]:
+    """The listening socket the reference relay dials."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        sock.settimeout(WAIT)
+        yield sock
+
+
+@contextlib.contextmanager
+def refrelay(loadgen: Path, upstream_port: int) -> Iterator[int]:
+    """``loadgen refrelay`` dialling 127.0.0.1:upstream_port; yields its port."""
+    argv = [str(loadgen), "refrelay", "--upstream", f"127.0.0.1:{upstream_port}"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], WAIT)
+        assert ready, "refrelay did not start"
+        info = json.loads(proc.stdout.readline())
+        assert info["pid"] == proc.pid
+        yield int(info["port"])
+        assert proc.poll() is None, "refrelay died"
+    finally:
+        proc.stdin.close()  # how the benchmark stops it
+        try:
+            proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == 0
+
+
+def client(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.settimeout(WAIT)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        assert chunk, f"EOF after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_to_eof(sock: socket.socket) -> bytes:
+    buf = bytearray()
+    while chunk := sock.recv(1 << 20):
+        buf += chunk
+    return bytes(buf)
+
+
+def test_refrelay_forwards_bytes_behind_the_head_and_half_closes(
+    loadgen: Path, upstream: socket.socket
+) -> None:
+    with refrelay(loadgen, upstream.getsockname()[1]) as port, client(port) as c:
+        c.sendall(HEAD + b"early bytes")  # one write: the relay reads them with the head
+        assert recv_exactly(c, len(OK)) == OK
+        conn, _ = upstream.accept()
+        with conn:
+            conn.settimeout(WAIT)
+            assert recv_exactly(conn, 11) == b"early bytes"
+            conn.sendall(b"reply")
+            assert recv_exactly(c, 5) == b"reply"
+            c.shutdown(socket.SHUT_WR)  # EOF goes upstream, the other way stays open
+            assert conn.recv(1) == b""
+            conn.sendall(b"after the client's EOF")
+        assert recv_to_eof(c) == b"after the client's EOF"
+
+
+def test_refrelay_moves_bytes_intact_both_ways(loadgen: Path, upstream: socket.socket) -> None:
+    payload = os.urandom(BULK_BYTES)
+    got_upstream: list[bytes] = []
+
+    def echo_after_eof() -> None:
+        # Reads everything, then sends it back: each direction runs on its own.
+        conn, _ = upstream.accept()
+        with conn:
+            conn.settimeout(WAIT)
+            data = recv_to_eof(conn)
+            got_upstream.append(data)
+            conn.sendall(data)
+
+    thread = threading.Thread(target=echo_after_eof, daemon=True)
+    thread.start()
+    with refrelay(loadgen, upstream.getsockname()[1]) as port, client(port) as c:
+        c.sendall(HEAD)
+        assert recv_exactly(c, len(OK)) == OK
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        back = recv_to_eof(c)
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert got_upstream == [payload]
+    assert len(back) == len(payload)
+    assert back == payload
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="not-connect"),
+        pytest.param(b"CONNECT x:443 HTTP/1.1\r\nX: " + b"a" * 9000, id="head-too-long"),
+        pytest.param(b"CONNECT x:443 HTTP/1.1\r\n", id="eof-inside-head"),
+    ],
+)
+def test_refrelay_closes_a_bad_head_without_dialling(
+    loadgen: Path, upstream: socket.socket, head: bytes
+) -> None:
+    with refrelay(loadgen, upstream.getsockname()[1]) as port:
+        with client(port) as c:
+            c.sendall(head)
+            if not head.endswith(b"\r\n\r\n") and len(head) < 8192:
+                c.shutdown(socket.SHUT_WR)
+            try:
+                answer = recv_to_eof(c)
+            except ConnectionResetError:  # closed with the rest of the head unread
+                answer = b""
+            assert answer == b""
+        dialled, _, _ = select.select([upstream], [], [], 0)
+        assert not dialled
+        with client(port) as c:  # and it still serves the next one
+            c.sendall(HEAD)
+            assert recv_exactly(c, len(OK)) == OK
+
+
+def test_refrelay_closes_when_the_upstream_refuses(loadgen: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        refused_port = closed.getsockname()[1]
+    with refrelay(loadgen, refused_port) as port, client(port) as c:
+        c.sendall(HEAD)
+        assert recv_to_eof(c) == b""
