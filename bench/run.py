@@ -722,9 +722,12 @@ class Results:
         self.runs.setdefault(proxy, {}).setdefault(figure, []).append(record)
 
     def figures(self) -> dict[str, dict[str, Any]]:
+        # In ALL_PROXIES order, which the tables' columns follow: a target that
+        # skips the bulk figures would otherwise come last.
         return {
-            proxy: {fig: median_record(rs) for fig, rs in figs.items()}
-            for proxy, figs in self.runs.items()
+            proxy: {fig: median_record(rs) for fig, rs in self.runs[proxy].items()}
+            for proxy in self.proxies
+            if proxy in self.runs
         }
 
 
