@@ -179,7 +179,6 @@ class ClientConnection(asyncio.Protocol):
     def enter_pending(self) -> None:
         relay = self.relay
         relay.pending.add(self)
-        relay.metrics.pending_heads.inc()
         self.timer = relay.loop.call_later(relay.settings.limits.head_timeout, self.head_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -267,7 +266,6 @@ class ClientConnection(asyncio.Protocol):
             self.timer = None
         if self in self.relay.pending:
             self.relay.pending.discard(self)
-            self.relay.metrics.pending_heads.dec()
 
     def head_timeout(self) -> None:
         self.timer = None
@@ -364,6 +362,7 @@ class Relay:
         self.log = log if log is not None else EventLog()
         self.log.loop = self.loop
         self.metrics = Metrics()
+        self.metrics.pending_heads = lambda: len(self.pending)
         self.resolver = resolver_for(settings)
         self.auth = settings.auth
         # argon2 verification costs ~0.3 s of CPU and 64 MiB by design: a small
@@ -878,11 +877,11 @@ class Relay:
         self.tunnels[tunnel.id] = tunnel
         host = tunnel.label
         series = self.metrics.host(host)
-        series.opened.inc()
-        series.active.inc()
+        series.opened += 1
+        series.active += 1
         last = self.last_closed.get((tunnel.client, host))
         if last is not None and tunnel.opened_mono - last <= self.settings.limits.reconnect_window:
-            series.reconnects.inc()
+            series.reconnects += 1
 
     def tunnel_closed(self, tunnel: Tunnel) -> None:
         if self.tunnels.pop(tunnel.id, None) is None:
@@ -892,8 +891,8 @@ class Relay:
         now = time.monotonic()
         reason = tunnel.close_reason or "error"
         self.fold(tunnel)
-        series.active.dec()
-        series.closed_by(host, reason).inc()
+        series.active -= 1
+        series.closed_by(reason)
         duration = now - tunnel.opened_mono
         series.duration.observe(duration)
         self.last_closed[(tunnel.client, host)] = now
@@ -918,8 +917,8 @@ class Relay:
         up, down = tunnel.bytes_up, tunnel.bytes_down
         if up != tunnel.folded_up or down != tunnel.folded_down:
             series = self.metrics.host(tunnel.label)
-            series.up.inc(up - tunnel.folded_up)
-            series.down.inc(down - tunnel.folded_down)
+            series.up += up - tunnel.folded_up
+            series.down += down - tunnel.folded_down
             tunnel.folded_up, tunnel.folded_down = up, down
 
     def fold_all(self) -> None:
