@@ -55,7 +55,11 @@ class EventLog:
     def __call__(self, event: str, /, **fields: Any) -> None:
         record = {"ts": self.timestamp(), "event": event}
         record.update(fields)
-        line = _encode(record) + "\n"
+        self.write_line(_encode(record) + "\n")
+
+    def write_line(self, line: str) -> None:
+        """Queue one complete line (ending in a newline) with the same batching,
+        e.g. a worker's line the supervisor passes through."""
         lines = self._lines
         if not lines:
             loop = self.loop

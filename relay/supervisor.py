@@ -374,6 +374,7 @@ class Supervisor:
         self.log = log if log is not None else EventLog()
         self.metrics = SupervisorMetrics()
         self.loop = asyncio.get_running_loop()
+        self.log.loop = self.loop  # batched writes, as in a worker
         runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
         self.rundir = tempfile.mkdtemp(prefix="konnect-relay-", dir=runtime)  # mode 0700
         self.worker_config = os.path.join(self.rundir, "worker.yaml")
@@ -411,13 +412,9 @@ class Supervisor:
             if len(self.held) >= MAX_HELD_LINES:
                 self.release_held()
             return
-        self.log.flush()  # the supervisor's own buffered lines go first
-        stream = self.log.stream
-        try:
-            stream.write(line)
-            stream.flush()
-        except (OSError, ValueError):
-            pass  # as EventLog: a broken stdout must not take workers down
+        # Into the supervisor's own batch, in order with its own lines: one
+        # write per batch, not two system calls per worker line.
+        self.log.write_line(line)
 
     def release_held(self) -> None:
         held, self.held = self.held, None

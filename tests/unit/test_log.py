@@ -98,3 +98,20 @@ async def _a_broken_stream_loses_the_lines_not_the_relay() -> None:
     log("request")
     log.flush()
     assert len(stream.writes) == 2  # both batches were tried, neither raised
+
+
+def test_passed_through_lines_keep_their_place_in_the_batch() -> None:
+    asyncio.run(_passed_through_lines_keep_their_place_in_the_batch())
+
+
+async def _passed_through_lines_keep_their_place_in_the_batch() -> None:
+    stream = Recorder()
+    stream.written = asyncio.Event()
+    log = EventLog(stream)
+    log.loop = asyncio.get_running_loop()
+    log("own", i=0)
+    log.write_line('{"event":"request","worker":1}\n')
+    log("own", i=1)
+    await asyncio.wait_for(stream.written.wait(), timeout=5)
+    assert len(stream.writes) == 1
+    assert [line["event"] for line in lines(stream)] == ["own", "request", "own"]
