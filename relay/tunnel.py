@@ -27,7 +27,9 @@ timeout and ``close()`` keep their meaning in both modes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import socket
 import time
 from collections.abc import Callable
 
@@ -440,6 +442,18 @@ class Tunnel:
                     transport.abort()
                 else:
                     transport.close()
+
+    def keepalive(self) -> None:
+        """SO_KEEPALIVE on the upstream TCP connection, wherever it lives now."""
+        if self.link is not None:
+            sock = self.link.upstream
+        elif self.upstream_side.transport is not None:
+            sock = self.upstream_side.transport.get_extra_info("socket")
+        else:
+            return
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile: nothing to keep alive
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def idle_for(self, now: float) -> float:
         """Seconds since the sweep last saw a byte move (sweep granularity)."""

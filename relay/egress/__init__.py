@@ -33,11 +33,14 @@ class DialError(Exception):
 @dataclass(slots=True)
 class Dialled:
     """A connected upstream. ``leftover`` are bytes that arrived during the egress
-    handshake (e.g. after a parent proxy's 200) and belong to the tunnel."""
+    handshake (e.g. after a parent proxy's 200) and belong to the tunnel.
+    ``keepalive``: SO_KEEPALIVE is still to be set on this TCP connection (the
+    server does it once the tunnel has lived through one sweep period)."""
 
     transport: asyncio.Transport
     peer: str
     leftover: bytes = b""
+    keepalive: bool = False
 
 
 class Dialer(abc.ABC):

@@ -18,15 +18,6 @@ CONNECTION_ATTEMPT_DELAY = 0.25
 T = TypeVar("T")
 
 
-def keepalive(transport: asyncio.BaseTransport) -> None:
-    """TCP keepalive, so a dead peer behind a NAT is noticed even on a silent
-    tunnel. (TCP_NODELAY, which tunnels of TLS records want, is set by the
-    event loop itself on every TCP transport, uvloop and asyncio alike.)"""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-
 class _Attempt(asyncio.Protocol):
     """Holds one Happy Eyeballs attempt's connection until it wins or loses."""
 
@@ -57,7 +48,6 @@ async def connect_one(
     times cheaper than sock_connect followed by create_connection(sock=)."""
     loop = loop or asyncio.get_running_loop()
     transport, _ = await loop.create_connection(lambda: protocol, endpoint.address, endpoint.port)
-    keepalive(transport)
     return transport
 
 
@@ -183,4 +173,8 @@ class DirectDialer(Dialer):
         transport, endpoint = await connect_transport(
             endpoints, protocol, CONNECTION_ATTEMPT_DELAY, self.loop
         )
-        return Dialled(transport, str(endpoint))
+        # TCP keepalive (a dead peer behind a NAT is noticed even on a silent
+        # tunnel) is set later by the server: see Relay.keepalive_fresh.
+        # TCP_NODELAY, which tunnels of TLS records want, is set by the event
+        # loop itself on every TCP transport, uvloop and asyncio alike.
+        return Dialled(transport, str(endpoint), keepalive=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
 import threading
 
 import pytest
@@ -19,6 +20,7 @@ from tests.conftest import (
     StartRelay,
     peer_config,
     relay_config,
+    wait_until,
 )
 
 # Some test modules import connect_via, open_tunnel, recv_all, recv_exactly and
@@ -321,6 +323,38 @@ def test_idle_timeout_closes(start_relay: StartRelay) -> None:
             assert sock.recv(1) == b""
     assert closed["reason"] == "idle_timeout"
     assert 0.4 <= closed["duration_s"] < 2.0
+
+
+def keepalive_timers(filter_: str) -> list[str]:
+    """``ss`` lines of established TCP sockets matching ``filter_`` that have a
+    keepalive timer armed (the kernel arms it for SO_KEEPALIVE sockets)."""
+    out = subprocess.run(
+        ["ss", "-Htno", "state", "established", filter_],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+    ).stdout
+    return [line for line in out.splitlines() if "timer:(keepalive" in line]
+
+
+def test_keepalive_on_both_connections_of_a_live_tunnel(start_relay: StartRelay) -> None:
+    """The client's connection inherits SO_KEEPALIVE from the listener; the
+    upstream one gets it from the first sweep the tunnel lives through."""
+    with tcp_peer(hold) as (port, _):
+        relay = start_relay(peer_config(port, limits={"idle_timeout": 2.0}))  # sweep: 0.5 s
+        with open_tunnel(relay) as sock:
+            client_port = sock.getsockname()[1]
+            assert keepalive_timers(f"dport = :{relay.proxy[1]} or sport = :{relay.proxy[1]}")
+            # The relay's side of the upstream connection (destination port: the
+            # peer's); the peer's own socket (source port) never asked for it.
+            wait_until(
+                lambda: bool(keepalive_timers(f"dport = :{port}")),
+                timeout=5,
+                what="keepalive on the upstream connection",
+            )
+            assert not keepalive_timers(f"sport = :{port}")
+            assert not keepalive_timers(f"sport = :{client_port}")
 
 
 # --- lifecycle ------------------------------------------------------------------------
