@@ -16,9 +16,22 @@ import asyncio
 import json
 import sys
 import time
+from json.encoder import encode_basestring_ascii
 from typing import Any, TextIO
 
 _encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def json_string(value: str) -> str:
+    """A string as the line encoder writes it (ASCII, escaped): for callers
+    that build a hot event's fields themselves (EventLog.write_event)."""
+    return encode_basestring_ascii(value)
+
+
+def json_fields(fields: dict[str, Any]) -> str:
+    """``,"key":value`` for each field, as the line encoder writes them."""
+    return "".join(f",{encode_basestring_ascii(k)}:{_encode(v)}" for k, v in fields.items())
+
 
 # The longest a line waits in memory: what a crash (SIGKILL, OOM) can lose, and
 # the delay a reader of the log sees. Like nginx's access_log ``flush=``.
@@ -56,6 +69,13 @@ class EventLog:
         record = {"ts": self.timestamp(), "event": event}
         record.update(fields)
         self.write_line(_encode(record) + "\n")
+
+    def write_event(self, event: str, fields: str) -> None:
+        """The same line as ``self(event, **f)``, with the fields already encoded
+        by the caller (``fields``: ``,"key":value`` for each, see json_string and
+        json_fields). For the two events every tunnel logs: a template is a
+        few times cheaper than building a dict and encoding it."""
+        self.write_line(f'{{"ts":"{self.timestamp()}","event":"{event}"{fields}}}\n')
 
     def write_line(self, line: str) -> None:
         """Queue one complete line (ending in a newline) with the same batching,

@@ -24,7 +24,7 @@ from relay import config, connect, proxyproto, splice, tlspeek
 from relay.auth import CHALLENGE, AuthError
 from relay.config import ListenModel, Settings, TLSModel
 from relay.egress import Dialer, DialError, make_dialers
-from relay.log import EventLog
+from relay.log import EventLog, json_fields, json_string
 from relay.metrics import Metrics
 from relay.notify import notify
 from relay.policy import Decision, Reason
@@ -843,16 +843,19 @@ class Relay:
                 self.fresh[tunnel.id] = tunnel
             if conn.client_eof:
                 cast(asyncio.Protocol, client.get_protocol()).eof_received()
-            conn.log_request(
-                target,
-                True,
-                200,
-                decision.reason.value,
-                egress=dialer.name,
-                upstream=dialled.peer,
-                dial_ms=round(elapsed * 1000, 3),
-                tunnel=tunnel.id,
-                **extra,
+            # The request line, as conn.log_request(target, True, 200, reason,
+            # egress=..., upstream=..., dial_ms=..., tunnel=..., **extra)
+            # writes it, from a template (see EventLog.write_event).
+            identity_json = json_string(identity) if identity else "null"
+            self.log.write_event(
+                "request",
+                f',"client":{json_string(conn.peer)}'
+                f',"listener":{json_string(conn.listener.name)}'
+                f',"identity":{identity_json},"target":{json_string(target)}'
+                f',"allowed":true,"status":200,"reason":{json_string(decision.reason.value)}'
+                f',"egress":{json_string(dialer.name)},"upstream":{json_string(dialled.peer)}'
+                f',"dial_ms":{round(elapsed * 1000, 3)!r},"tunnel":{tunnel.id}'
+                f"{json_fields(extra)}",
             )
         finally:
             self.dialing -= 1
@@ -902,17 +905,16 @@ class Relay:
         series.duration.observe(duration)
         self.last_closed[(tunnel.client, host)] = now
         self.release(tunnel.client)
-        self.log(
+        # As self.log("tunnel_closed", tunnel=..., client=..., ..., reason=...)
+        # would write it, from a template (see EventLog.write_event).
+        self.log.write_event(
             "tunnel_closed",
-            tunnel=tunnel.id,
-            client=tunnel.client,
-            listener=tunnel.listener,
-            target=format_target(tunnel.host, tunnel.port),
-            egress=tunnel.egress,
-            bytes_up=tunnel.bytes_up,
-            bytes_down=tunnel.bytes_down,
-            duration_s=round(duration, 3),
-            reason=reason,
+            f',"tunnel":{tunnel.id},"client":{json_string(tunnel.client)}'
+            f',"listener":{json_string(tunnel.listener)}'
+            f',"target":{json_string(format_target(tunnel.host, tunnel.port))}'
+            f',"egress":{json_string(tunnel.egress)},"bytes_up":{tunnel.bytes_up}'
+            f',"bytes_down":{tunnel.bytes_down},"duration_s":{round(duration, 3)!r}'
+            f',"reason":{json_string(reason)}',
         )
         if not self.tunnels:
             self._empty.set()

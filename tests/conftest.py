@@ -481,6 +481,16 @@ def start_relay(tmp_path: Path) -> Iterator[StartRelay]:
     yield start
     for relay in started:
         relay.stop()
+    for relay in started:
+        assert_canonical_lines(relay.lines)
+
+
+def assert_canonical_lines(lines: list[str]) -> None:
+    """Every JSON log line is exactly what the line encoder writes for its
+    object: also the ones the relay builds from templates for speed."""
+    for line in lines:
+        if line.startswith("{"):
+            assert line == json.dumps(json.loads(line), separators=(",", ":")) + "\n", line
 
 
 @pytest.fixture

@@ -6,8 +6,11 @@ import asyncio
 import io
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from relay import log as log_module
-from relay.log import EventLog
+from relay.log import EventLog, json_fields, json_string
 
 
 class Recorder(io.StringIO):
@@ -115,3 +118,25 @@ async def _passed_through_lines_keep_their_place_in_the_batch() -> None:
     await asyncio.wait_for(stream.written.wait(), timeout=5)
     assert len(stream.writes) == 1
     assert [line["event"] for line in lines(stream)] == ["own", "request", "own"]
+
+
+@given(
+    st.text(max_size=40),
+    st.integers(-(2**63), 2**63),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.one_of(st.none(), st.booleans(), st.text(max_size=10), st.lists(st.integers())),
+)
+def test_a_template_line_equals_the_encoded_line(
+    text: str, number: int, real: float, extra: object
+) -> None:
+    generic, template = Recorder(), Recorder()
+    fields = {"client": text, "tunnel": number, "dial_ms": real, "extra": extra}
+    EventLog(generic)("request", **fields)
+    EventLog(template).write_event(
+        "request",
+        f',"client":{json_string(text)},"tunnel":{number},"dial_ms":{real!r}'
+        + json_fields({"extra": extra}),
+    )
+    # Equal after the timestamp.
+    assert template.getvalue().split(',"event"')[1] == generic.getvalue().split(',"event"')[1]
+    assert json.loads(template.getvalue())["client"] == text
