@@ -326,7 +326,18 @@ def _one_record(
                         return None
                     server_name = _host_name(bytes(buf[p + 5 : q]))
                 elif ext_type == EXT_ALPN:
-                    alpn = _parse_alpn(_Reader(buf, p, q))
+                    # A non-empty list filling the extension, of non-empty names.
+                    if p + 2 >= q or p + 2 + ((buf[p] << 8) | buf[p + 1]) != q:
+                        return None
+                    names = []
+                    i = p + 2
+                    while i < q:
+                        j = i + 1 + buf[i]
+                        if j == i + 1 or j > q:
+                            return None
+                        names.append(bytes(buf[i + 1 : j]).decode("latin-1"))
+                        i = j
+                    alpn = tuple(names)
                 elif ext_type == EXT_SUPPORTED_VERSIONS:
                     count = buf[p] if p < q else 0
                     if count < 2 or count % 2 or p + 1 + count != q:
