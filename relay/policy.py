@@ -590,11 +590,18 @@ def _find(lookup: _Lookup, host: str, port: int) -> HostPattern | None:
     return None
 
 
+# Decisions remembered per (host as received, port): the same few Konnect
+# names come back thousands of times a second. Bounded: a flood of distinct
+# (hostile) names only empties it now and then.
+DECISION_CACHE_SIZE = 4096
+
+
 class Policy:
     """Konnect presets plus ``allow``/``deny`` patterns; see the module docstring."""
 
     __slots__ = (
         "_allow",
+        "_decided",
         "_deny",
         "_exact",
         "_hints",
@@ -618,6 +625,7 @@ class Policy:
         self._allow = _index(self.allow)
         self._deny = _index(self.deny)
         self._ports = frozenset(konnect.ports)
+        self._decided: dict[tuple[str, int], Decision] = {}
         # exact name -> rule
         self._exact: dict[str, str] = {}
         # name without its first label -> (rule, pinned labels or None, scope field)
@@ -674,7 +682,19 @@ class Policy:
         return None
 
     def decide(self, host: str, port: int) -> Decision:
-        """Decide on ``host`` as received in the CONNECT request; never raises."""
+        """Decide on ``host`` as received in the CONNECT request; never raises.
+        A policy never changes (a reload builds a new one), so decisions are
+        remembered."""
+        key = (host, port)
+        decision = self._decided.get(key)
+        if decision is None:
+            decision = self._decide(host, port)
+            if len(self._decided) >= DECISION_CACHE_SIZE:
+                self._decided.clear()
+            self._decided[key] = decision
+        return decision
+
+    def _decide(self, host: str, port: int) -> Decision:
         try:
             name = normalise_host(host)
         except HostError as e:

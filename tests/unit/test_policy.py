@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from relay.policy import (
+    DECISION_CACHE_SIZE,
     KONNECT_REGIONS,
     MESH_GEOS,
     Decision,
@@ -873,3 +874,18 @@ def test_one_label_prefix_always_and_only(
     longer = ".".join([*extra, host])
     if len(longer) <= 253:
         assert ALL.decide(longer, 443).reason is Reason.NOT_ALLOWLISTED
+
+
+def test_remembered_decisions_equal_fresh_ones_and_stay_bounded() -> None:
+    policy = Policy(KonnectScope(), deny=allow("evil.eu.cp0.konghq.com"))
+    hosts = ["x.eu.cp0.konghq.com", "evil.eu.cp0.konghq.com", "a..b", "example.com"]
+    for host in hosts:
+        first = policy.decide(host, 443)
+        assert policy.decide(host, 443) is first  # remembered
+        fresh = Policy(KonnectScope(), deny=allow("evil.eu.cp0.konghq.com"))
+        assert fresh.decide(host, 443) == first
+    for i in range(DECISION_CACHE_SIZE * 2 + 7):  # a flood of distinct names
+        policy.decide(f"h{i}.example.com", 443)
+    assert len(policy._decided) <= DECISION_CACHE_SIZE
+    assert policy.decide("x.eu.cp0.konghq.com", 443).allowed
+    assert not policy.decide("evil.eu.cp0.konghq.com", 443).allowed
