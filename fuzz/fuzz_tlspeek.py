@@ -27,7 +27,15 @@ import atheris  # type: ignore[import-untyped]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports():
-    from relay.tlspeek import ClientHello, PeekError, looks_like_tls, parse_client_hello
+    from relay.tlspeek import (
+        MAX_CLIENT_HELLO,
+        ClientHello,
+        PeekError,
+        _one_record,
+        _parse_records,
+        looks_like_tls,
+        parse_client_hello,
+    )
 
 # A max_size small enough that the fuzzer reaches the too_large paths with
 # short inputs; the default is exercised by the raw mode.
@@ -55,11 +63,19 @@ def _body(extensions: bytes) -> bytes:
 
 
 def _parse(buf: bytes, max_size: int | None = None) -> ClientHello | str | None:
+    limit = MAX_CLIENT_HELLO if max_size is None else max_size
+    # The one-record fast path answers only where the full parser accepts,
+    # and with the same hello.
+    fast = _one_record(buf, limit)
+    if fast is not None and fast != _parse_records(buf, limit):
+        raise AssertionError(f"fast path differs: {fast!r}")
     try:
         if max_size is None:
             return parse_client_hello(buf)
         return parse_client_hello(buf, max_size=max_size)
     except PeekError as exc:
+        if fast is not None:
+            raise AssertionError(f"fast path accepted what the parser refuses: {exc}") from exc
         if exc.reason not in ("not_tls", "malformed", "too_large", "not_client_hello"):
             raise AssertionError(f"unknown reason {exc.reason!r}") from exc
         return exc.reason

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.tlspeek import (
+    _HOST_NAME,
     ALERT_ACCESS_DENIED,
     ALERT_DECODE_ERROR,
     ALERT_HANDSHAKE_FAILURE,
@@ -25,6 +26,7 @@ from relay.tlspeek import (
     MAX_CLIENT_HELLO,
     ClientHello,
     PeekError,
+    _host_name,
     _one_record,
     _parse_records,
     alert,
@@ -859,3 +861,16 @@ def test_openssl_s_client_hello(version_flag: list[str]) -> None:
         assert TLS13 not in result.supported_versions
     else:
         assert result.supported_versions[0] == TLS13
+
+
+@settings(max_examples=PROPERTY_EXAMPLES)
+@given(st.binary(max_size=30) | st.from_regex(rb"[a-zA-Z0-9.\-]{0,20}", fullmatch=True))
+def test_fast_host_name_check_agrees_with_the_full_one(raw: bytes) -> None:
+    try:
+        expected: str | None = _host_name(raw)
+    except PeekError:
+        expected = None
+    if _HOST_NAME.fullmatch(raw) is None:
+        assert expected is None, raw
+    else:
+        assert raw.decode("ascii").lower().removesuffix(".") == expected
