@@ -309,9 +309,9 @@ def _one_record(
             while p < end:
                 if p + 4 > end:
                     return None
-                ext_type = (buf[p] << 8) | buf[p + 1]
-                q = p + 4 + ((buf[p + 2] << 8) | buf[p + 3])
+                ext_type, size = _two_u16(buf, p)
                 p += 4
+                q = p + size
                 if q > end or ext_type in seen:
                     return None
                 seen.add(ext_type)
@@ -357,6 +357,10 @@ def _one_record(
         record_bytes=end,
     )
 
+
+# Extension type and length in one call: the walk over a hello's extensions is
+# most of the fast path's work.
+_two_u16 = struct.Struct(">HH").unpack_from
 
 # What _host_name accepts, in one match: labels of printable ASCII other than
 # the dot, single dots between them, at most one trailing dot.
