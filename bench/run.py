@@ -8,8 +8,10 @@ on the way out (even on error or Ctrl-C):
 The targets: ``direct`` (the load generator straight to the sink),
 ``c-splice`` (``loadgen refrelay``: a minimal single-threaded C relay that
 splices, the ceiling for any relay on this machine, with no policy and no
-log), ``relay``, ``relay-w2`` (the relay with ``workers: 2`` on both cores;
-setup figures only), ``squid`` and ``tinyproxy``.
+log), ``uvloop-bare`` (``bench/bare_relay.py``: the least a Python relay on
+uvloop does per tunnel, the floor of the relay's architecture), ``relay``,
+``relay-w2`` (the relay with ``workers: 2`` on both cores; setup figures
+only), ``squid`` and ``tinyproxy``.
 
 What it measures, per proxy, in the same run:
 
@@ -34,8 +36,9 @@ and the repetitions interleave the proxies so that drift from other load on
 the machine spreads over all of them. The relay runs with its normal
 features on (policy, metrics, JSON log to a file) and is reached with
 ``CONNECT bench.eu.cp0.konghq.com:443``, mapped onto the sink with
-``resolver.static``; squid, tinyproxy and c-splice get ``CONNECT
-127.0.0.1:<sink>`` (c-splice dials the sink whatever the CONNECT names).
+``resolver.static``; squid, tinyproxy, c-splice and uvloop-bare get
+``CONNECT 127.0.0.1:<sink>`` (the two references dial the sink whatever the
+CONNECT names).
 relay-w2 is pinned to cores 0 and 1, so it shares core 1 with the load.
 
 Output: ``<out>/results.json`` and ``<out>/results.md`` (tables and the
@@ -72,19 +75,30 @@ BENCH = ROOT / "bench"
 LOADGEN_SRC = BENCH / "loadgen.c"
 LOADGEN = BENCH / "build" / "loadgen"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+BARE_RELAY = BENCH / "bare_relay.py"
 
 # The proxy under test gets core 0, the load (loadgen and sink) core 1.
 PROXY_CORE = 0
 LOAD_CORE = 1
 # The Konnect name the relay is asked for; resolver.static maps it onto the sink.
 RELAY_TARGET = "bench.eu.cp0.konghq.com:443"
-ALL_PROXIES = ("direct", "c-splice", "relay", "relay-w2", "squid", "tinyproxy")
+ALL_PROXIES = (
+    "direct",
+    "c-splice",
+    "uvloop-bare",
+    "relay",
+    "relay-w2",
+    "squid",
+    "tinyproxy",
+)
 # Column headings where the name alone would mislead.
-LABELS = {"c-splice": "c-splice (reference)"}
+LABELS = {"c-splice": "c-splice (reference)", "uvloop-bare": "uvloop-bare (reference)"}
 # The targets that run the bulk and the idle figures (the setup figures run on all):
 # relay-w2 answers a question about tunnel setup only; c-splice holds six
 # descriptors per tunnel (two pipes), which the 20,000-fd cap does not allow
 # 5,000 times, and most of its per-tunnel memory is in the kernel, not in RSS.
+# uvloop-bare is there for the rates (setup, and bulk without splice); its idle
+# memory would say little about a relay that keeps state per tunnel.
 BULK_TARGETS = frozenset(ALL_PROXIES) - {"relay-w2"}
 IDLE_TARGETS = frozenset({"relay", "squid", "tinyproxy"})
 # Cores each target is pinned to; the load is always on LOAD_CORE.
@@ -101,6 +115,9 @@ STOP_TIMEOUT = 5.0
 MAX_IDLE_TUNNELS = 9000
 # Background CPU above this share of a core makes the results suspect.
 NOISY_BACKGROUND = 0.10
+# The project's target for the relay's tunnel setup rate (c=64) against squid's;
+# printed next to what uvloop-bare reaches, the most the architecture allows.
+SETUP_TARGET_VS_SQUID = 1.4
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,6 +433,13 @@ def start_target(name: str, sink: Sink, workdir: Path) -> Target:
             cores = WORKERS_CORES
     elif name == "c-splice":
         argv = [str(LOADGEN), "refrelay", "--port", str(port), "--upstream", sink_addr]
+        stdin_pipe = True
+        target = Target(name, f"127.0.0.1:{port}", sink_addr)
+    elif name == "uvloop-bare":
+        if not VENV_PYTHON.exists():
+            raise BenchError("uvloop-bare: .venv/bin/python missing")
+        # The relay's interpreter and uvloop; stops when stdin closes, like c-splice.
+        argv = [str(VENV_PYTHON), str(BARE_RELAY), "--port", str(port), "--upstream", sink_addr]
         stdin_pipe = True
         target = Target(name, f"127.0.0.1:{port}", sink_addr)
     else:
@@ -755,7 +779,7 @@ def run_throughput(res: Results, sink: Sink, workdir: Path, stack: contextlib.Ex
                     res.add(target.name, fig, rec)
                     rate = rec["bytes_per_s"] / 1e6
                     cpu = fmt_pct(rec["proxy_cpu"])
-                    log(f"rep {rep + 1} {target.name:9} {fig:13} {rate:9.0f} MB/s  cpu {cpu}")
+                    log(f"rep {rep + 1} {target.name:11} {fig:13} {rate:9.0f} MB/s  cpu {cpu}")
         for conc in SETUP_CONCURRENCY:
             fig = setup_figure(conc)
             for target in targets:
@@ -764,7 +788,7 @@ def run_throughput(res: Results, sink: Sink, workdir: Path, stack: contextlib.Ex
                 lat = f"p50 {rec['p50_ms']:.3f} p99 {rec['p99_ms']:.3f} ms"
                 cpu = fmt_pct(rec["proxy_cpu"])
                 rate = rec["tunnels_per_s"]
-                log(f"rep {rep + 1} {target.name:9} {fig:13} {rate:9.0f} /s    {lat}  cpu {cpu}")
+                log(f"rep {rep + 1} {target.name:11} {fig:13} {rate:9.0f} /s    {lat}  cpu {cpu}")
     for target in targets:
         if target.server is not None:
             target.server.stop()
@@ -786,7 +810,7 @@ def run_memory(res: Results, sink: Sink, workdir: Path) -> None:
             res.add(name, "idle", rec)
             rss = ", ".join(f"{s['tunnels']}: {s['rss_kb'] / 1024:.1f} MB" for s in rec["steps"])
             per = rec["kb_per_tunnel"]
-            log(f"rep {rep + 1} {name:9} idle          {rss}  -> {per:.1f} KB/tunnel")
+            log(f"rep {rep + 1} {name:11} idle          {rss}  -> {per:.1f} KB/tunnel")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -917,6 +941,14 @@ def to_markdown(results: dict[str, Any]) -> str:
             "upstream; the least any relay must do here, not a product.",
             "",
         ]
+    if "uvloop-bare" in figs:
+        out += [
+            "uvloop-bare (reference) is `bench/bare_relay.py`: a minimal CONNECT relay in "
+            "Python on uvloop (asyncio protocols, `transport.write` each way, no splice) with "
+            "no policy, no log, no metrics and a fixed upstream; the least a relay built like "
+            "this one must do per tunnel, not a product.",
+            "",
+        ]
     bg = meth["background_core_busy"]
     noisy = max(bg["before"] + bg["after"], default=0.0)
     if noisy > NOISY_BACKGROUND:
@@ -1010,7 +1042,8 @@ def fmt_ratio(x: float | None) -> str:
 
 def ratio_lines(figs: dict[str, dict[str, Any]]) -> list[str]:
     """The relay against squid (and tinyproxy) on the figures the issue's targets name,
-    against the C reference, and with two workers against one."""
+    against the C and the uvloop references, and with two workers against one; and
+    the uvloop reference against squid."""
     lines: list[str] = []
     if "relay" in figs and "squid" in figs:
         rows = (
@@ -1038,8 +1071,26 @@ def ratio_lines(figs: dict[str, dict[str, Any]]) -> list[str]:
         )
         lines += [*([""] if lines else []), "Relay as a share of c-splice (the C reference):", ""]
         for label, fig, key in reference:
-            share = ratio(figs, "relay", "c-splice", fig, key)
-            lines.append(f"- {label}: {'-' if share is None else f'{100 * share:.0f}%'}")
+            lines.append(f"- {label}: {fmt_pct(ratio(figs, 'relay', 'c-splice', fig, key))}")
+    if "relay" in figs and "uvloop-bare" in figs:
+        floor = (
+            ("setup rate c=64", "setup_c64", "tunnels_per_s"),
+            ("p99 at c=1 (lower is better)", "setup_c1", "p99_ms"),
+        )
+        lines += [
+            *([""] if lines else []),
+            "Relay as a share of uvloop-bare (the least a uvloop relay does):",
+            "",
+        ]
+        for label, fig, key in floor:
+            lines.append(f"- {label}: {fmt_pct(ratio(figs, 'relay', 'uvloop-bare', fig, key))}")
+    if "uvloop-bare" in figs and "squid" in figs:
+        bare = fmt_ratio(ratio(figs, "uvloop-bare", "squid", "setup_c64", "tunnels_per_s"))
+        lines += [
+            *([""] if lines else []),
+            f"uvloop-bare / squid, setup rate c=64: {bare} (what a uvloop relay that does "
+            f"nothing per tunnel reaches; the relay's target is {SETUP_TARGET_VS_SQUID:.2f}x)",
+        ]
     if "relay" in figs and "relay-w2" in figs:
         w2 = fmt_ratio(ratio(figs, "relay-w2", "relay", "setup_c64", "tunnels_per_s"))
         lines += [
