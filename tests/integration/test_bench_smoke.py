@@ -4,9 +4,10 @@ Runs ``bench/run.py --smoke`` (a few seconds: one repetition, tiny sizes) in a
 subprocess and checks that results.json holds every figure for every target
 with plausible numbers. The full benchmark is not part of the test run.
 
-The reference relay (``loadgen refrelay``, the ``c-splice`` target) is also
-checked for correctness on its own: a ceiling that dropped or reordered bytes
-would be a fast wrong answer.
+The two reference relays (``loadgen refrelay``, the ``c-splice`` target, and
+``bench/bare_relay.py``, the ``uvloop-bare`` target) are also checked for
+correctness on their own, by the same tests against real sockets: a reference
+that dropped or reordered bytes would be a fast wrong answer.
 
 squid and tinyproxy are Debian packages; without them the test skips locally
 and fails in CI (``CI`` set), where they must be installed.
@@ -17,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"
-TARGETS = ("direct", "c-splice", "relay", "relay-w2", "squid", "tinyproxy")
-# relay-w2 runs the setup figures only; c-splice and direct have no idle figure.
-BULK_TARGETS = ("direct", "c-splice", "relay", "squid", "tinyproxy")
+BARE_RELAY = ROOT / "bench" / "bare_relay.py"
+TARGETS = ("direct", "c-splice", "uvloop-bare", "relay", "relay-w2", "squid", "tinyproxy")
+# relay-w2 runs the setup figures only; direct and the references have no idle figure.
+BULK_TARGETS = ("direct", "c-splice", "uvloop-bare", "relay", "squid", "tinyproxy")
 IDLE_TARGETS = ("relay", "squid", "tinyproxy")
 # Cores a target may keep busy: its proxy_cpu can reach this many times 1.0.
 CORES = {"relay-w2": 2}
@@ -146,6 +149,7 @@ def test_idle_figure(results: dict[str, Any], target: str) -> None:
     [
         ("direct", (*BULK, *SETUP)),
         ("c-splice", (*BULK, *SETUP)),
+        ("uvloop-bare", (*BULK, *SETUP)),
         ("relay-w2", SETUP),
     ],
 )
@@ -159,7 +163,8 @@ def test_targets_skip_figures(
 def test_workers_run_on_two_cores(results: dict[str, Any]) -> None:
     method = results["method"]
     assert method["target_cores"]["relay-w2"] == "0,1"
-    assert method["target_cores"]["relay"] == method["target_cores"]["c-splice"] == "0"
+    cores = method["target_cores"]
+    assert cores["relay"] == cores["c-splice"] == cores["uvloop-bare"] == "0"
     assert method["relay_w2_workers"] == 2
 
 
@@ -167,16 +172,40 @@ def test_workers_run_on_two_cores(results: dict[str, Any]) -> None:
 def test_markdown_compares_with_the_reference_and_workers(run_dir: Path) -> None:
     md = (run_dir / "results.md").read_text()
     assert md.count("|") > 50
-    columns = "| | direct | c-splice (reference) | relay | relay-w2 | squid | tinyproxy |"
-    assert columns in md.splitlines()  # the setup table
+    lines = md.splitlines()
+    columns = (
+        "| | direct | c-splice (reference) | uvloop-bare (reference) | relay | relay-w2 "
+        "| squid | tinyproxy |"
+    )
+    assert columns in lines  # the setup table
+    bulk_columns = (
+        "| | direct | c-splice (reference) | uvloop-bare (reference) | relay | squid | tinyproxy |"
+    )
+    assert bulk_columns in lines
     assert "Relay / squid (/ tinyproxy), same run:" in md
     assert "Relay as a share of c-splice (the C reference):" in md
-    shares = [line for line in md.splitlines() if line.startswith("- setup rate c=64: ")]
-    assert any(line.endswith("%") for line in shares)
+    shares = [line for line in lines if line.startswith("- setup rate c=64: ")]
+    assert len(shares) == 3  # against squid, c-splice and uvloop-bare
+    assert all(line.endswith("%") for line in shares[1:])
     assert "relay-w2 / relay, setup rate c=64: " in md
 
 
-# --- the reference relay ----------------------------------------------------------
+@pytest.mark.timeout(SMOKE_TIMEOUT + 30)
+def test_markdown_compares_with_the_uvloop_floor(run_dir: Path) -> None:
+    lines = (run_dir / "results.md").read_text().splitlines()
+    start = lines.index("Relay as a share of uvloop-bare (the least a uvloop relay does):")
+    assert re.fullmatch(r"- setup rate c=64: \d+%", lines[start + 2])
+    assert re.fullmatch(r"- p99 at c=1 \(lower is better\): \d+%", lines[start + 3])
+    bare = [line for line in lines if line.startswith("uvloop-bare / squid, setup rate c=64: ")]
+    assert len(bare) == 1
+    assert re.match(r"uvloop-bare / squid, setup rate c=64: \d+\.\d\dx \(", bare[0])
+    assert "target is 1.40x" in bare[0]
+    assert any(
+        line.startswith("uvloop-bare (reference) is `bench/bare_relay.py`") for line in lines
+    )
+
+
+# --- the reference relays -----------------------------------------------------------
 
 OK = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 HEAD = b"CONNECT ignored.example:443 HTTP/1.1\r\nHost: ignored.example:443\r\n\r\n"
@@ -184,6 +213,16 @@ HEAD = b"CONNECT ignored.example:443 HTTP/1.1\r\nHost: ignored.example:443\r\n\r
 WAIT = 10.0
 # Enough to need many splice calls and a full pipe each way.
 BULK_BYTES = 24 << 20
+# More than every socket buffer between the upstream and a client that reads
+# nothing can hold (tcp_rmem may let one grow to 32 MiB): an upstream that gets
+# this much out means the relay buffers without bound.
+UNBOUNDED_BYTES = 256 << 20
+# An upstream that cannot send for this long is held back by the relay.
+STALLED = 1.0
+REFERENCES = ("c-splice", "uvloop-bare")
+
+# Starts a reference relay dialling 127.0.0.1:<port>; the context yields its port.
+StartRelay = Callable[[int], contextlib.AbstractContextManager[int]]
 
 
 @pytest.fixture(scope="module")
@@ -211,18 +250,18 @@ def upstream() -> Iterator[socket.socket]:
 
 
 @contextlib.contextmanager
-def refrelay(loadgen: Path, upstream_port: int) -> Iterator[int]:
-    """``loadgen refrelay`` dialling 127.0.0.1:upstream_port; yields its port."""
-    argv = [str(loadgen), "refrelay", "--upstream", f"127.0.0.1:{upstream_port}"]
+def serving(argv: list[str]) -> Iterator[int]:
+    """A reference relay that prints {"port", "pid"} and stops when stdin closes;
+    yields its port and checks that it lived to the end and exited cleanly."""
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         ready, _, _ = select.select([proc.stdout], [], [], WAIT)
-        assert ready, "refrelay did not start"
+        assert ready, f"{argv[1]} did not start"
         info = json.loads(proc.stdout.readline())
         assert info["pid"] == proc.pid
         yield int(info["port"])
-        assert proc.poll() is None, "refrelay died"
+        assert proc.poll() is None, f"{argv[1]} died"
     finally:
         proc.stdin.close()  # how the benchmark stops it
         try:
@@ -232,6 +271,17 @@ def refrelay(loadgen: Path, upstream_port: int) -> Iterator[int]:
             proc.wait()
         proc.stdout.close()
     assert proc.returncode == 0
+
+
+@pytest.fixture(params=REFERENCES)
+def reference(request: pytest.FixtureRequest) -> StartRelay:
+    """Each reference relay in turn, as the benchmark runs it."""
+    if request.param == "c-splice":
+        loadgen: Path = request.getfixturevalue("loadgen")
+        argv = [str(loadgen), "refrelay"]
+    else:
+        argv = [sys.executable, str(BARE_RELAY)]
+    return lambda port: serving([*argv, "--upstream", f"127.0.0.1:{port}"])
 
 
 def client(port: int) -> socket.socket:
@@ -256,10 +306,10 @@ def recv_to_eof(sock: socket.socket) -> bytes:
     return bytes(buf)
 
 
-def test_refrelay_forwards_bytes_behind_the_head_and_half_closes(
-    loadgen: Path, upstream: socket.socket
+def test_reference_forwards_bytes_behind_the_head_and_the_clients_half_close(
+    reference: StartRelay, upstream: socket.socket
 ) -> None:
-    with refrelay(loadgen, upstream.getsockname()[1]) as port, client(port) as c:
+    with reference(upstream.getsockname()[1]) as port, client(port) as c:
         c.sendall(HEAD + b"early bytes")  # one write: the relay reads them with the head
         assert recv_exactly(c, len(OK)) == OK
         conn, _ = upstream.accept()
@@ -274,7 +324,28 @@ def test_refrelay_forwards_bytes_behind_the_head_and_half_closes(
         assert recv_to_eof(c) == b"after the client's EOF"
 
 
-def test_refrelay_moves_bytes_intact_both_ways(loadgen: Path, upstream: socket.socket) -> None:
+def test_reference_forwards_the_upstreams_half_close(
+    reference: StartRelay, upstream: socket.socket
+) -> None:
+    with reference(upstream.getsockname()[1]) as port, client(port) as c:
+        c.sendall(HEAD)
+        assert recv_exactly(c, len(OK)) == OK
+        conn, _ = upstream.accept()
+        with conn:
+            conn.settimeout(WAIT)
+            conn.sendall(b"last words")
+            conn.shutdown(socket.SHUT_WR)  # EOF goes to the client, which may still send
+            assert recv_to_eof(c) == b"last words"
+            c.sendall(b"after the upstream's EOF")
+            assert recv_exactly(conn, 24) == b"after the upstream's EOF"
+            c.shutdown(socket.SHUT_WR)  # both directions done: the tunnel ends
+            assert conn.recv(1) == b""
+        assert c.recv(1) == b""
+
+
+def test_reference_moves_bytes_intact_both_ways(
+    reference: StartRelay, upstream: socket.socket
+) -> None:
     payload = os.urandom(BULK_BYTES)
     got_upstream: list[bytes] = []
 
@@ -289,7 +360,7 @@ def test_refrelay_moves_bytes_intact_both_ways(loadgen: Path, upstream: socket.s
 
     thread = threading.Thread(target=echo_after_eof, daemon=True)
     thread.start()
-    with refrelay(loadgen, upstream.getsockname()[1]) as port, client(port) as c:
+    with reference(upstream.getsockname()[1]) as port, client(port) as c:
         c.sendall(HEAD)
         assert recv_exactly(c, len(OK)) == OK
         c.sendall(payload)
@@ -302,6 +373,30 @@ def test_refrelay_moves_bytes_intact_both_ways(loadgen: Path, upstream: socket.s
     assert back == payload
 
 
+def test_reference_stops_reading_the_upstream_for_a_client_that_does_not_read(
+    reference: StartRelay, upstream: socket.socket
+) -> None:
+    chunk = bytes(1 << 16)
+    with reference(upstream.getsockname()[1]) as port, client(port) as c:
+        c.sendall(HEAD)
+        assert recv_exactly(c, len(OK)) == OK
+        conn, _ = upstream.accept()
+        with conn:
+            conn.setblocking(False)
+            sent = 0
+            while sent < UNBOUNDED_BYTES:
+                _, writable, _ = select.select([], [conn], [], STALLED)
+                if not writable:
+                    break  # the relay stopped reading: every buffer on the way is full
+                with contextlib.suppress(BlockingIOError):
+                    sent += conn.send(chunk)
+            assert sent < UNBOUNDED_BYTES
+            conn.setblocking(True)
+            conn.shutdown(socket.SHUT_WR)
+            # Once the client reads, the relay reads again: everything arrives.
+            assert len(recv_to_eof(c)) == sent
+
+
 @pytest.mark.parametrize(
     "head",
     [
@@ -310,10 +405,10 @@ def test_refrelay_moves_bytes_intact_both_ways(loadgen: Path, upstream: socket.s
         pytest.param(b"CONNECT x:443 HTTP/1.1\r\n", id="eof-inside-head"),
     ],
 )
-def test_refrelay_closes_a_bad_head_without_dialling(
-    loadgen: Path, upstream: socket.socket, head: bytes
+def test_reference_closes_a_bad_head_without_dialling(
+    reference: StartRelay, upstream: socket.socket, head: bytes
 ) -> None:
-    with refrelay(loadgen, upstream.getsockname()[1]) as port:
+    with reference(upstream.getsockname()[1]) as port:
         with client(port) as c:
             c.sendall(head)
             if not head.endswith(b"\r\n\r\n") and len(head) < 8192:
@@ -330,9 +425,9 @@ def test_refrelay_closes_a_bad_head_without_dialling(
             assert recv_exactly(c, len(OK)) == OK
 
 
-def test_refrelay_closes_when_the_upstream_refuses(loadgen: Path) -> None:
+def test_reference_closes_when_the_upstream_refuses(reference: StartRelay) -> None:
     with socket.create_server(("127.0.0.1", 0)) as closed:
         refused_port = closed.getsockname()[1]
-    with refrelay(loadgen, refused_port) as port, client(port) as c:
+    with reference(refused_port) as port, client(port) as c:
         c.sendall(HEAD)
         assert recv_to_eof(c) == b""
