@@ -380,6 +380,11 @@ class Relay:
         self._bound: dict[str, tuple[str, int]] = {}  # listener key -> configured address
         self.reuse_port = reuse_port
         self.admin_path = admin_path
+        # Every open connection stays reachable from one of these until it is
+        # closed. Not only for drain and limits: uvloop (0.23) aborts the whole
+        # process ("double free or corruption") when the garbage collector takes
+        # a transport whose connection is still open (a transport and its
+        # protocol form a cycle that nothing else holds).
         self.tunnels: dict[int, Tunnel] = {}
         self.pending: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
