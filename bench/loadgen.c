@@ -167,6 +167,22 @@ static void set_nonblock(int fd) {
     fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }
 
+/* A listening TCP socket on 127.0.0.1:port (0: any); *bound gets the port. */
+static int listen_loopback(int port, int flags, int *bound) {
+    int ls = socket(AF_INET, SOCK_STREAM | flags, 0);
+    if (ls < 0) die("socket: %s", strerror(errno));
+    int one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(ls, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind: %s", strerror(errno));
+    if (listen(ls, LISTEN_BACKLOG) < 0) die("listen: %s", strerror(errno));
+    socklen_t sl = sizeof sa;
+    getsockname(ls, (struct sockaddr *)&sa, &sl);
+    *bound = ntohs(sa.sin_port);
+    return ls;
+}
+
 static void parse_hostport(const char *s, struct sockaddr_in *sa) {
     char host[256];
     const char *colon = strrchr(s, ':');
@@ -429,15 +445,8 @@ static int run_sink(int port, double lifetime) {
     if (!g_sconns) die("calloc");
     make_memfd();
 
-    int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    int one = 1;
-    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(ls, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind: %s", strerror(errno));
-    if (listen(ls, LISTEN_BACKLOG) < 0) die("listen: %s", strerror(errno));
-    socklen_t sl = sizeof sa;
-    getsockname(ls, (struct sockaddr *)&sa, &sl);
+    int bound;
+    int ls = listen_loopback(port, SOCK_NONBLOCK, &bound);
 
     int ep = epoll_create1(0);
     struct epoll_event e = {.events = EPOLLIN, .data.fd = ls};
@@ -445,7 +454,7 @@ static int run_sink(int port, double lifetime) {
     e.data.fd = 0;
     epoll_ctl(ep, EPOLL_CTL_ADD, 0, &e); /* stdin closing ends the sink */
 
-    printf("{\"port\": %d, \"pid\": %d}\n", ntohs(sa.sin_port), (int)getpid());
+    printf("{\"port\": %d, \"pid\": %d}\n", bound, (int)getpid());
     fflush(stdout);
 
     double deadline = now_s() + lifetime;
@@ -1256,22 +1265,15 @@ static void ref_accept(int ls) {
 
 static int run_refrelay(int port, const char *upstream, double lifetime) {
     parse_hostport(upstream, &g_ref_upstream);
-    int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    int one = 1;
-    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(ls, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind: %s", strerror(errno));
-    if (listen(ls, LISTEN_BACKLOG) < 0) die("listen: %s", strerror(errno));
-    socklen_t sl = sizeof sa;
-    getsockname(ls, (struct sockaddr *)&sa, &sl);
+    int bound;
+    int ls = listen_loopback(port, SOCK_NONBLOCK | SOCK_CLOEXEC, &bound);
 
     g_ref_ep = epoll_create1(EPOLL_CLOEXEC);
     g_ref_listener.fd = ls;
     ref_watch(&g_ref_listener, EPOLLIN);
     ref_watch(&g_ref_stdin, EPOLLIN); /* stdin closing ends the relay */
 
-    printf("{\"port\": %d, \"pid\": %d}\n", ntohs(sa.sin_port), (int)getpid());
+    printf("{\"port\": %d, \"pid\": %d}\n", bound, (int)getpid());
     fflush(stdout);
 
     double deadline = now_s() + lifetime;
