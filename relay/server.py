@@ -270,6 +270,16 @@ class ClientConnection(asyncio.Protocol):
     def head_timeout(self) -> None:
         self.timer = None
         limit = self.relay.settings.limits.head_timeout
+        if self.listener.ssl is not None and self.transport is None:
+            # The event loop ran the handshake and never handed over a transport:
+            # it failed (no or an unknown client certificate, a client speaking
+            # plain HTTP) or is still running. The loop reports neither, and
+            # gives no client address; this is where it shows.
+            self.end_head_phase()
+            self.relay.metrics.requests_denied.labels("tls_handshake").inc()
+            detail = f"TLS handshake failed or not complete within {limit:g} s"
+            self.log_request("", False, 0, "tls_handshake", detail=detail)
+            return
         self.refuse(408, "head_timeout", f"request head not received within {limit:g} s")
 
     def refuse(

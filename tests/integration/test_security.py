@@ -354,6 +354,29 @@ def test_https_proxy_plain_http_client_is_refused(
     assert not any('"event":"request"' in line for line in relay.lines)
 
 
+def test_failed_tls_handshake_is_logged_and_counted(
+    start_relay: StartRelay, certs: Certs, fake_cp: FakeControlPlane, listener_certs: ListenerCerts
+) -> None:
+    """A client without a certificate on a listener that requires one: the
+    event loop reports nothing, so the relay names it once head_timeout ends
+    the connection's pending time (not as a request head that never came)."""
+    relay = start_relay(
+        relay_config(
+            listen=[tls_listen(listener_certs, client_ca=str(certs.ca_file))],
+            resolver={"static": cp_static(fake_cp)},
+            limits={"head_timeout": 1.0},
+        )
+    )
+    without = curl_via(certs, *https_proxy_args(relay, certs))
+    assert without.returncode != 0
+    event = relay.wait_event(lambda e: e["event"] == "request")
+    assert (event["status"], event["reason"]) == (0, "tls_handshake")
+    assert event["detail"] == "TLS handshake failed or not complete within 1 s"
+    assert relay.sample("konnect_relay_requests_denied_total", reason="tls_handshake") == 1
+    assert relay.sample("konnect_relay_requests_denied_total", reason="head_timeout") == 0
+    assert relay.sample("konnect_relay_pending_requests") == 0
+
+
 def test_https_proxy_client_certificate(
     start_relay: StartRelay, certs: Certs, fake_cp: FakeControlPlane, listener_certs: ListenerCerts
 ) -> None:
