@@ -305,50 +305,47 @@ def _one_record(
             return None
         p += 2
         seen: set[int] = set()
-        try:
-            while p < end:
-                if p + 4 > end:
+        while p < end:
+            if p + 4 > end:
+                return None
+            ext_type, size = _two_u16(buf, p)
+            p += 4
+            q = p + size
+            if q > end or ext_type in seen:
+                return None
+            seen.add(ext_type)
+            if ext_type == EXT_SERVER_NAME:
+                # One host_name entry filling the list filling the extension.
+                if (
+                    p + 5 > q
+                    or buf[p + 2] != NAME_TYPE_HOST_NAME
+                    or p + 2 + ((buf[p] << 8) | buf[p + 1]) != q
+                    or p + 5 + ((buf[p + 3] << 8) | buf[p + 4]) != q
+                ):
                     return None
-                ext_type, size = _two_u16(buf, p)
-                p += 4
-                q = p + size
-                if q > end or ext_type in seen:
+                raw = bytes(buf[p + 5 : q])
+                if _HOST_NAME.fullmatch(raw) is None:
+                    return None  # the full parser says what is wrong
+                server_name = raw.decode("ascii").lower().removesuffix(".")
+            elif ext_type == EXT_ALPN:
+                # A non-empty list filling the extension, of non-empty names.
+                if p + 2 >= q or p + 2 + ((buf[p] << 8) | buf[p + 1]) != q:
                     return None
-                seen.add(ext_type)
-                if ext_type == EXT_SERVER_NAME:
-                    # One host_name entry filling the list filling the extension.
-                    if (
-                        p + 5 > q
-                        or buf[p + 2] != NAME_TYPE_HOST_NAME
-                        or p + 2 + ((buf[p] << 8) | buf[p + 1]) != q
-                        or p + 5 + ((buf[p + 3] << 8) | buf[p + 4]) != q
-                    ):
+                names = []
+                i = p + 2
+                while i < q:
+                    j = i + 1 + buf[i]
+                    if j == i + 1 or j > q:
                         return None
-                    raw = bytes(buf[p + 5 : q])
-                    if _HOST_NAME.fullmatch(raw) is None:
-                        return None  # the full parser says what is wrong
-                    server_name = raw.decode("ascii").lower().removesuffix(".")
-                elif ext_type == EXT_ALPN:
-                    # A non-empty list filling the extension, of non-empty names.
-                    if p + 2 >= q or p + 2 + ((buf[p] << 8) | buf[p + 1]) != q:
-                        return None
-                    names = []
-                    i = p + 2
-                    while i < q:
-                        j = i + 1 + buf[i]
-                        if j == i + 1 or j > q:
-                            return None
-                        names.append(bytes(buf[i + 1 : j]).decode("latin-1"))
-                        i = j
-                    alpn = tuple(names)
-                elif ext_type == EXT_SUPPORTED_VERSIONS:
-                    count = buf[p] if p < q else 0
-                    if count < 2 or count % 2 or p + 1 + count != q:
-                        return None
-                    versions = struct.unpack_from(f">{count // 2}H", buf, p + 1)
-                p = q
-        except PeekError:
-            return None
+                    names.append(bytes(buf[i + 1 : j]).decode("latin-1"))
+                    i = j
+                alpn = tuple(names)
+            elif ext_type == EXT_SUPPORTED_VERSIONS:
+                count = buf[p] if p < q else 0
+                if count < 2 or count % 2 or p + 1 + count != q:
+                    return None
+                versions = struct.unpack_from(f">{count // 2}H", buf, p + 1)
+            p = q
     return ClientHello(
         server_name=server_name,
         alpn=alpn,
