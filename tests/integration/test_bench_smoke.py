@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import recv_all, recv_exactly
+
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"
 BARE_RELAY = ROOT / "bench" / "bare_relay.py"
@@ -290,20 +292,10 @@ def client(port: int) -> socket.socket:
     return sock
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        assert chunk, f"EOF after {len(buf)} of {n} bytes"
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_to_eof(sock: socket.socket) -> bytes:
-    buf = bytearray()
-    while chunk := sock.recv(1 << 20):
-        buf += chunk
-    return bytes(buf)
+def connected(sock: socket.socket) -> None:
+    """Send the CONNECT head through a reference relay and read its 200."""
+    sock.sendall(HEAD)
+    assert recv_exactly(sock, len(OK)) == OK
 
 
 def test_reference_forwards_bytes_behind_the_head_and_the_clients_half_close(
@@ -321,21 +313,20 @@ def test_reference_forwards_bytes_behind_the_head_and_the_clients_half_close(
             c.shutdown(socket.SHUT_WR)  # EOF goes upstream, the other way stays open
             assert conn.recv(1) == b""
             conn.sendall(b"after the client's EOF")
-        assert recv_to_eof(c) == b"after the client's EOF"
+        assert recv_all(c) == b"after the client's EOF"
 
 
 def test_reference_forwards_the_upstreams_half_close(
     reference: StartRelay, upstream: socket.socket
 ) -> None:
     with reference(upstream.getsockname()[1]) as port, client(port) as c:
-        c.sendall(HEAD)
-        assert recv_exactly(c, len(OK)) == OK
+        connected(c)
         conn, _ = upstream.accept()
         with conn:
             conn.settimeout(WAIT)
             conn.sendall(b"last words")
             conn.shutdown(socket.SHUT_WR)  # EOF goes to the client, which may still send
-            assert recv_to_eof(c) == b"last words"
+            assert recv_all(c) == b"last words"
             c.sendall(b"after the upstream's EOF")
             assert recv_exactly(conn, 24) == b"after the upstream's EOF"
             c.shutdown(socket.SHUT_WR)  # both directions done: the tunnel ends
@@ -354,18 +345,17 @@ def test_reference_moves_bytes_intact_both_ways(
         conn, _ = upstream.accept()
         with conn:
             conn.settimeout(WAIT)
-            data = recv_to_eof(conn)
+            data = recv_all(conn)
             got_upstream.append(data)
             conn.sendall(data)
 
     thread = threading.Thread(target=echo_after_eof, daemon=True)
     thread.start()
     with reference(upstream.getsockname()[1]) as port, client(port) as c:
-        c.sendall(HEAD)
-        assert recv_exactly(c, len(OK)) == OK
+        connected(c)
         c.sendall(payload)
         c.shutdown(socket.SHUT_WR)
-        back = recv_to_eof(c)
+        back = recv_all(c)
     thread.join(WAIT)
     assert not thread.is_alive()
     assert got_upstream == [payload]
@@ -378,8 +368,7 @@ def test_reference_stops_reading_the_upstream_for_a_client_that_does_not_read(
 ) -> None:
     chunk = bytes(1 << 16)
     with reference(upstream.getsockname()[1]) as port, client(port) as c:
-        c.sendall(HEAD)
-        assert recv_exactly(c, len(OK)) == OK
+        connected(c)
         conn, _ = upstream.accept()
         with conn:
             conn.setblocking(False)
@@ -394,7 +383,7 @@ def test_reference_stops_reading_the_upstream_for_a_client_that_does_not_read(
             conn.setblocking(True)
             conn.shutdown(socket.SHUT_WR)
             # Once the client reads, the relay reads again: everything arrives.
-            assert len(recv_to_eof(c)) == sent
+            assert len(recv_all(c)) == sent
 
 
 @pytest.mark.parametrize(
@@ -414,15 +403,14 @@ def test_reference_closes_a_bad_head_without_dialling(
             if not head.endswith(b"\r\n\r\n") and len(head) < 8192:
                 c.shutdown(socket.SHUT_WR)
             try:
-                answer = recv_to_eof(c)
+                answer = recv_all(c)
             except ConnectionResetError:  # closed with the rest of the head unread
                 answer = b""
             assert answer == b""
         dialled, _, _ = select.select([upstream], [], [], 0)
         assert not dialled
         with client(port) as c:  # and it still serves the next one
-            c.sendall(HEAD)
-            assert recv_exactly(c, len(OK)) == OK
+            connected(c)
 
 
 def test_reference_closes_when_the_upstream_refuses(reference: StartRelay) -> None:
@@ -430,4 +418,4 @@ def test_reference_closes_when_the_upstream_refuses(reference: StartRelay) -> No
         refused_port = closed.getsockname()[1]
     with reference(refused_port) as port, client(port) as c:
         c.sendall(HEAD)
-        assert recv_to_eof(c) == b""
+        assert recv_all(c) == b""
