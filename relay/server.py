@@ -399,8 +399,6 @@ class Relay:
         self.pending: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.last_closed: dict[tuple[str, str], float] = {}
-        # Open direct tunnels whose keepalive is not set yet (see keepalive_fresh).
-        self.fresh: dict[int, Tunnel] = {}
         self.servers: list[asyncio.Server] = []
         self.addresses: list[str] = []
         self.admin_address = ""
@@ -854,8 +852,7 @@ class Relay:
                     self.loop,
                 )
             tunnel.start(client, dialled.transport, early, pending, dialled.leftover, peek)
-            if dialled.keepalive:
-                self.fresh[tunnel.id] = tunnel
+            tunnel.keepalive_due = dialled.keepalive
             if conn.client_eof:
                 cast(asyncio.Protocol, client.get_protocol()).eof_received()
             # The request line, as conn.log_request(target, True, 200, reason,
@@ -908,7 +905,6 @@ class Relay:
     def tunnel_closed(self, tunnel: Tunnel) -> None:
         if self.tunnels.pop(tunnel.id, None) is None:
             return
-        self.fresh.pop(tunnel.id, None)
         host = tunnel.label
         series = self.metrics.host(host)
         now = time.monotonic()
@@ -953,20 +949,7 @@ class Relay:
         interval = min(self.settings.limits.idle_timeout / 4, MAX_SWEEP_INTERVAL)
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
-    def keepalive_fresh(self) -> None:
-        """SO_KEEPALIVE on the direct upstream connections opened since the last
-        sweep that are still open. Not at dial time: most short tunnels (an API
-        call, a reconnect) would pay two system calls and a socket object for
-        nothing, and the kernel's first probe comes only after
-        net.ipv4.tcp_keepalive_time (two hours by default), so a few seconds'
-        delay changes nothing for the tunnels that live."""
-        fresh, self.fresh = self.fresh, {}
-        for tunnel in fresh.values():
-            if tunnel.closed_at is None:
-                tunnel.keepalive()
-
     def _sweep(self) -> None:
-        self.keepalive_fresh()
         now = time.monotonic()
         idle_timeout = self.settings.limits.idle_timeout
         for tunnel in list(self.tunnels.values()):
@@ -975,6 +958,13 @@ class Relay:
                     tunnel.close(abort=True)
             elif tunnel.idle_for(now) >= idle_timeout:
                 tunnel.close("idle_timeout", abort=True)
+            elif tunnel.keepalive_due:
+                # SO_KEEPALIVE on a direct upstream from the first sweep a tunnel
+                # lives through, not at dial time: most short tunnels (an API
+                # call, a reconnect) would pay two system calls and a socket
+                # object for nothing, and the kernel's first probe comes only
+                # after net.ipv4.tcp_keepalive_time (two hours by default).
+                tunnel.keepalive()
         window = self.settings.limits.reconnect_window
         if self.last_closed:
             stale = [k for k, t in self.last_closed.items() if now - t > window]

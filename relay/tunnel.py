@@ -208,6 +208,7 @@ class Tunnel:
         "folded_up",
         "host",
         "id",
+        "keepalive_due",
         "label",
         "last_activity",
         "link",
@@ -253,6 +254,8 @@ class Tunnel:
         self.closed_at: float | None = None
         self.lost = 0
         self.link: splice.Link | None = None
+        # SO_KEEPALIVE still to be set on the upstream (server's sweep).
+        self.keepalive_due = False
         # A side that has carried this many bytes starts the switch to splice.
         self.switch_at = NEVER
 
@@ -445,6 +448,7 @@ class Tunnel:
 
     def keepalive(self) -> None:
         """SO_KEEPALIVE on the upstream TCP connection, wherever it lives now."""
+        self.keepalive_due = False
         if self.link is not None:
             sock = self.link.upstream
         elif self.upstream_side.transport is not None:

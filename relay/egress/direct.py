@@ -174,7 +174,7 @@ class DirectDialer(Dialer):
             endpoints, protocol, CONNECTION_ATTEMPT_DELAY, self.loop
         )
         # TCP keepalive (a dead peer behind a NAT is noticed even on a silent
-        # tunnel) is set later by the server: see Relay.keepalive_fresh.
+        # tunnel) is set later, by the server's sweep (Relay._sweep).
         # TCP_NODELAY, which tunnels of TLS records want, is set by the event
         # loop itself on every TCP transport, uvloop and asyncio alike.
         return Dialled(transport, str(endpoint), keepalive=True)
