@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import queue
+import random
 import shutil
 import signal
 import socket
@@ -500,7 +501,28 @@ def relay(start_relay: StartRelay, fake_cp: FakeControlPlane) -> RelayProcess:
     return start_relay(relay_config(resolver={"static": {CP_HOST: target, TP_HOST: target}}))
 
 
+# Ports handed out by free_port: below the kernel's ephemeral range, which
+# every outgoing connection draws from. A port from that range (what binding to
+# port 0 gives) can be taken by some connection's source port between the
+# probe here and the relay's bind ("address already in use").
+FREE_PORT_FLOOR = 20000
+FREE_PORT_TRIES = 200
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port that nothing listens on and no outgoing connection
+    will take: for tests that must name a port before the relay binds it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    rng = random.Random()
+    for _ in range(FREE_PORT_TRIES):
+        port = rng.randrange(FREE_PORT_FLOOR, max(low, FREE_PORT_FLOOR + 1000))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port below {low} after {FREE_PORT_TRIES} tries")
