@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -30,12 +30,14 @@ from pydantic import (
     model_validator,
 )
 
-from relay import policy
+from relay import konnect, policy
 from relay.auth import BasicAuth, Credential
 from relay.policy import HostPattern, Policy
 
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
+HOURS = 60 * MINUTES
+DAYS = 24 * HOURS
 
 # Kong pings every 30 s and declares the control plane dead after 45 s of
 # silence; anything near that breaks data planes, so the default is far above.
@@ -52,6 +54,15 @@ DEFAULT_DNS_TIMEOUT = 2 * SECONDS  # inside the connect timeout, which covers bo
 # each pending head costs one fd and at most 16 KiB.
 DEFAULT_MAX_PENDING_HEADS = 4096
 MAX_WORKERS = 64
+# Kong's published ingress addresses (Konnect networking page).
+DEFAULT_KONNECT_IPS_URL = "https://ip-addresses.origin.konghq.com/ip-addresses.json"
+# Kong announces changes ahead (RSS feed); four fetches a day follow them
+# closely and cost one small HTTPS request each.
+DEFAULT_KONNECT_IPS_REFRESH = 6 * HOURS
+MIN_REFRESH = 1 * SECONDS
+MAX_REFRESH = 7 * DAYS
+# The whole fetch: connect through the egress, TLS, request, the body.
+DEFAULT_KONNECT_IPS_TIMEOUT = 30 * SECONDS
 
 
 class ConfigError(Exception):
@@ -152,10 +163,27 @@ Address = Annotated[str, AfterValidator(_check_address)]
 Label = Annotated[str, AfterValidator(_check_label)]
 Pattern = Annotated[str, AfterValidator(_check_pattern)]
 Port = Annotated[int, Field(ge=1, le=65535)]
-Region = Literal["au", "eu", "me", "in", "sg", "us"]
-MeshGeo = Literal["au", "eu", "us", "global"]
-REGIONS: tuple[Region, ...] = get_args(Region)
-MESH_GEOS: tuple[MeshGeo, ...] = get_args(MeshGeo)
+
+
+def _one_of(values: tuple[str, ...]) -> Any:
+    """A validator admitting exactly ``values`` (from the Konnect table)."""
+    listed = ", ".join(repr(v) for v in values[:-1]) + f" or {values[-1]!r}"
+
+    def check(text: str) -> str:
+        if text not in values:
+            raise ValueError(f"must be one of {listed} (got {text!r})")
+        return text
+
+    return AfterValidator(check)
+
+
+# Regions, geos and products are those of relay/konnect.py's table, the one list.
+REGIONS = konnect.REGIONS
+MESH_GEOS = konnect.MESH_GEOS
+PRODUCTS = konnect.PRODUCTS
+Region = Annotated[str, _one_of(REGIONS)]
+MeshGeo = Annotated[str, _one_of(MESH_GEOS)]
+Product = Annotated[str, _one_of(PRODUCTS)]
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
@@ -241,6 +269,7 @@ class KonnectModel(_Strict):
     portals: list[Label] = Field(default_factory=list)
     mesh_geos: list[MeshGeo] = Field(default_factory=lambda: list(MESH_GEOS))
     ports: list[Port] = Field(default_factory=lambda: [443], min_length=1)
+    products: list[Product] = Field(default_factory=lambda: list(PRODUCTS), min_length=1)
     require_tls: bool = True
     check_sni: bool = True
 
@@ -297,6 +326,7 @@ class ClientMatchModel(_Strict):
 
 
 class ClientKonnectModel(_Strict):
+    products: list[Product] | None = None
     regions: list[Region] | None = None
     control_planes: list[Label] | None = None
     portals: list[Label] | None = None
@@ -309,6 +339,60 @@ class ClientModel(_Strict):
     allow: list[Pattern] = Field(default_factory=list)
 
 
+_DURATION_UNITS = {"s": SECONDS, "m": MINUTES, "h": HOURS, "d": DAYS}
+
+
+def _check_duration(value: object) -> float:
+    """Seconds as a number, or a string like ``30s``, ``15m``, ``6h``, ``1d``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value[-1:] in _DURATION_UNITS:
+        number = value[:-1]
+        if not number.replace(".", "", 1).isdigit() or not number.isascii():
+            raise ValueError(f"{value!r} is not a duration like 30s, 15m, 6h or 1d")
+        seconds = float(number) * _DURATION_UNITS[value[-1]]
+    else:
+        raise ValueError(f"must be seconds or a duration like 30s, 15m, 6h, 1d (got {value!r})")
+    if not MIN_REFRESH <= seconds <= MAX_REFRESH:
+        raise ValueError(f"must be between {MIN_REFRESH:g} s and {MAX_REFRESH / DAYS:g} days")
+    return seconds
+
+
+Duration = Annotated[float, PlainValidator(_check_duration)]
+
+
+def _check_https_url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ValueError(f"bad URL {text!r}: {exc}") from None
+    if parts.scheme != "https":
+        raise ValueError(f"{text!r}: the list is fetched over https:// only")
+    if not parts.hostname or parts.username is not None or parts.fragment:
+        raise ValueError(f"{text!r}: expected https://host[:port]/path")
+    return text
+
+
+class KonnectIPsModel(_Strict):
+    enabled: bool = False
+    url: Annotated[str, AfterValidator(_check_https_url)] = DEFAULT_KONNECT_IPS_URL
+    refresh: Duration = DEFAULT_KONNECT_IPS_REFRESH
+    cache_file: str | None = None
+    mode: Literal["enforce", "report"] = "enforce"
+    ca_file: str | None = None
+    timeout: PositiveSeconds = DEFAULT_KONNECT_IPS_TIMEOUT
+    fetch: bool = True
+
+    @model_validator(mode="after")
+    def _source(self) -> KonnectIPsModel:
+        if not self.fetch and self.cache_file is None:
+            raise ValueError("fetch: false reads the list from cache_file, which is not set")
+        return self
+
+
 class ResolverModel(_Strict):
     static: dict[str, str] = Field(default_factory=dict)
     allow_private: bool = False
@@ -316,6 +400,7 @@ class ResolverModel(_Strict):
     allowed_cidrs: list[CIDR] = Field(default_factory=list)
     nameservers: list[str] = Field(default_factory=list)
     timeout: PositiveSeconds = DEFAULT_DNS_TIMEOUT
+    konnect_ips: KonnectIPsModel = Field(default_factory=KonnectIPsModel)
 
     @field_validator("nameservers")
     @classmethod
@@ -542,6 +627,7 @@ class Settings:
     cache_ttl: float
     egress: str
     limits: LimitsModel
+    konnect_ips: KonnectIPsModel = field(default_factory=KonnectIPsModel)
     source: str = "<embedded default>"
     raw: FileConfig = field(default_factory=FileConfig, repr=False)
 
@@ -618,6 +704,7 @@ def build(data: Any, source: str = "<config>") -> Settings:
             portals=tuple(pins.portals if pins.portals is not None else k.portals),
             mesh_geos=tuple(k.mesh_geos),
             ports=tuple(k.ports),
+            products=tuple(pins.products if pins.products is not None else k.products),
         )
         return policy.Policy(scope, [policy.parse_pattern(p) for p in allow], deny)
 
@@ -651,6 +738,7 @@ def build(data: Any, source: str = "<config>") -> Settings:
         cache_ttl=raw.resolver.cache_ttl,
         egress=raw.egress.mode,
         limits=raw.limits,
+        konnect_ips=raw.resolver.konnect_ips,
         source=source,
         raw=raw,
     )

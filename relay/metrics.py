@@ -54,6 +54,29 @@ def reloads_counter(registry: CollectorRegistry) -> Counter:
     )
 
 
+class KonnectIPsMetrics:
+    """resolver.konnect_ips: the list in force and its refreshes. The supervisor
+    owns these when there are workers (it fetches for all of them)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.prefixes = Gauge(
+            "konnect_relay_konnect_ips_prefixes",
+            "Prefixes in Konnect's published ingress list in force (0: none)",
+            registry=registry,
+        )
+        self.age = Gauge(
+            "konnect_relay_konnect_ips_age_seconds",
+            "Seconds since the list in force was fetched (+Inf while there is none)",
+            registry=registry,
+        )
+        self.refreshes = Counter(
+            "konnect_relay_konnect_ips_refreshes_total",
+            "Fetches and loads of Konnect's ingress list by result (error: the old list stays)",
+            ["result"],
+            registry=registry,
+        )
+
+
 class LazyHistogram:
     """A histogram kept as integers: observe() is one bisect and two additions.
     Buckets hold v <= bound, as the client library's Histogram does."""
@@ -197,6 +220,7 @@ class Metrics:
             registry=r,
         )
         self.reloads = reloads_counter(r)
+        self.konnect_ips = KonnectIPsMetrics(r)
         self.ready = Gauge(
             "konnect_relay_ready", "1 while accepting new tunnels, 0 while draining", registry=r
         )
@@ -236,3 +260,4 @@ class SupervisorMetrics:
             registry=r,
         )
         self.reloads = reloads_counter(r)
+        self.konnect_ips = KonnectIPsMetrics(r)

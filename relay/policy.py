@@ -20,14 +20,15 @@ Order of evaluation in :meth:`Policy.decide`:
 4. ``allow`` patterns (``ALLOW_RULE``);
 5. anything else is refused (``NOT_ALLOWLISTED``).
 
-Preset rule names read like the hostnames in Kong's networking documentation,
-with the concrete region and a placeholder for the one free label:
-``konnect:cloud.konghq.com``, ``konnect:eu.api.konghq.com``,
-``konnect:{cp}.eu.cp0.konghq.com`` (also ``tp0``, ``cp``, ``tp``),
-``konnect:{portal}.eu.portal.konghq.com``, ``konnect:{portal}.eu.kongportals.com``,
-``konnect:global.mesh.sync.konghq.com``. ``{cp}`` and ``{portal}`` stand for
-exactly one DNS label, restricted to ``control_planes`` / ``portals`` when those
-are given.
+The presets are the rows of :data:`relay.konnect.TABLE` for the scope's
+products, filled in for its regions and mesh geos. Their rule names read like
+the hostnames in Kong's networking documentation, with the concrete region and
+a placeholder for the one free label: ``konnect:cloud.konghq.com``,
+``konnect:eu.api.konghq.com``, ``konnect:{cp}.eu.cp.konghq.com``,
+``konnect:{id}.eu.identity.konghq.com``, ``konnect:global.mesh.sync.konghq.com``.
+``{cp}``, ``{portal}`` and ``{id}`` stand for exactly one DNS label; ``{cp}`` and
+``{portal}`` are restricted to ``control_planes`` / ``portals`` when those are
+given.
 
 The relay sets up thousands of tunnels a second on one core, so
 :meth:`Policy.decide` does no per-rule loop and runs no pattern regex: presets
@@ -45,6 +46,10 @@ import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from relay.konnect import LABEL_PINS, PRODUCTS, SHARED, TABLE, Row
+from relay.konnect import MESH_GEOS as MESH_GEOS
+from relay.konnect import REGIONS as KONNECT_REGIONS
 
 __all__ = [
     "KONNECT_REGIONS",
@@ -71,9 +76,6 @@ MAX_SHOWN = 80
 DEFAULT_PORT = 443  # the only port Konnect needs (Konnect networking docs)
 MIN_PORT = 1
 MAX_PORT = 65535
-
-KONNECT_REGIONS: tuple[str, ...] = ("au", "eu", "me", "in", "sg", "us")
-MESH_GEOS: tuple[str, ...] = ("au", "eu", "us", "global")
 
 
 class Reason(enum.StrEnum):
@@ -523,11 +525,12 @@ def _check_labels(field: str, values: Iterable[str]) -> None:
 class KonnectScope:
     """Which Konnect hostnames the presets allow.
 
-    ``control_planes`` / ``portals`` empty means any single DNS label in that
-    position. Values are checked to be single lower-case DNS labels; whether a
-    region or geo is one Konnect offers is left to the config layer
-    (see :data:`KONNECT_REGIONS`, :data:`MESH_GEOS`), so a new region needs no
-    code change here.
+    ``products`` selects rows of the table (:data:`relay.konnect.TABLE`; the
+    shared rows always apply). ``control_planes`` / ``portals`` empty means any
+    single DNS label in that position. Values are checked to be single
+    lower-case DNS labels; whether a region, geo or product is one Konnect
+    offers is left to the config layer, which checks them against the same
+    table, so a new region needs no code change here.
     """
 
     regions: tuple[str, ...] = KONNECT_REGIONS
@@ -535,6 +538,7 @@ class KonnectScope:
     portals: tuple[str, ...] = ()
     mesh_geos: tuple[str, ...] = MESH_GEOS
     ports: tuple[int, ...] = (DEFAULT_PORT,)
+    products: tuple[str, ...] = PRODUCTS
 
     def __post_init__(self) -> None:
         _check_labels("regions", self.regions)
@@ -548,19 +552,48 @@ class KonnectScope:
                 raise ValueError(f"konnect.ports: {port} is outside {MIN_PORT}..{MAX_PORT}")
 
 
-# Suffixes (the name after its one free label) of the per-region presets:
-# (suffix template, placeholder, which KonnectScope list pins the label).
-_REGION_PREFIXED: tuple[tuple[str, str, str], ...] = (
-    ("{region}.cp0.konghq.com", "{cp}", "control_planes"),
-    ("{region}.tp0.konghq.com", "{cp}", "control_planes"),
-    ("{region}.cp.konghq.com", "{cp}", "control_planes"),
-    ("{region}.tp.konghq.com", "{cp}", "control_planes"),
-    ("{region}.portal.konghq.com", "{portal}", "portals"),
-    ("{region}.kongportals.com", "{portal}", "portals"),
-)
-_FIXED = ("cloud.konghq.com", "global.api.konghq.com")
-_REGION_EXACT = "{region}.api.konghq.com"
-_MESH_EXACT = "{geo}.mesh.sync.konghq.com"
+@dataclass(frozen=True, slots=True)
+class Preset:
+    """One table row filled in for a region or geo: what ``presets`` prints."""
+
+    rule: str  # konnect:{cp}.eu.cp.konghq.com
+    row: Row
+    region: str | None  # the region or geo filled in, if the pattern has one
+    label: str | None  # the free first label's placeholder, if any
+    pinned: tuple[str, ...]  # the labels it is restricted to; () = any one label
+
+    def text(self, ports: str) -> str:
+        """``{cp}.eu.cp.konghq.com:443  ({cp} one of: a1)``, as ``describe`` lists it."""
+        name = f"{self.rule.removeprefix('konnect:')}:{ports}"
+        if self.label is None:
+            return name
+        if self.pinned:
+            return f"{name}  ({self.label} one of: {', '.join(self.pinned)})"
+        return f"{name}  ({self.label} = any one DNS label)"
+
+
+def _expand(row: Row, scope: KonnectScope) -> Iterable[tuple[str, str | None, str]]:
+    """(pattern filled in, region or geo, why it is off or "") for every region
+    or geo the row can take: those in the scope and those Konnect offers."""
+    product_off = (
+        f'product "{row.product}" is not in konnect.products'
+        if row.product != SHARED and row.product not in scope.products
+        else ""
+    )
+    for key, chosen, known, what in (
+        ("{region}", scope.regions, KONNECT_REGIONS, "region"),
+        ("{geo}", scope.mesh_geos, MESH_GEOS, "mesh geo"),
+    ):
+        if key in row.pattern:
+            field = "konnect.regions" if key == "{region}" else "konnect.mesh_geos"
+            for value in dict.fromkeys((*chosen, *known)):
+                off = product_off or (
+                    "" if value in chosen else f'{what} "{value}" is not in {field}'
+                )
+                yield row.pattern.replace(key, value), value, off
+            return
+    yield row.pattern, None, product_off
+
 
 _Lookup = tuple[dict[tuple[str, int], HostPattern], dict[tuple[str, int], HostPattern]]
 
@@ -611,6 +644,7 @@ class Policy:
         "allow",
         "deny",
         "konnect",
+        "presets",
     )
 
     def __init__(
@@ -629,45 +663,33 @@ class Policy:
         # exact name -> rule
         self._exact: dict[str, str] = {}
         # name without its first label -> (rule, pinned labels or None, scope field)
-        self._prefixed: dict[str, tuple[str, frozenset[str] | None, str]] = {}
-        # near misses (a region or geo outside the scope) -> hint for the deny detail
-        self._hints: dict[str, str] = {}
-        self._preset_lines: list[str] = []
-        ports = ",".join(str(n) for n in konnect.ports)
+        self._prefixed: dict[str, tuple[str, frozenset[str] | None, str | None]] = {}
+        # the table's rows filled in, in table order
+        self.presets: list[Preset] = []
         pins = {"control_planes": konnect.control_planes, "portals": konnect.portals}
-
-        def exact(name: str) -> None:
-            self._exact[name] = f"konnect:{name}"
-            self._preset_lines.append(f"konnect {name}:{ports}")
-
-        for name in _FIXED:
-            exact(name)
-        for region in dict.fromkeys((*konnect.regions, *KONNECT_REGIONS)):
-            name = _REGION_EXACT.format(region=region)
-            if region not in konnect.regions:
-                hint = f'region "{region}" is not in konnect.regions'
-                self._hints[name] = hint
-                for template, _, _ in _REGION_PREFIXED:
-                    self._hints[template.format(region=region)] = hint
-                continue
-            exact(name)
-            for template, placeholder, field in _REGION_PREFIXED:
-                suffix = template.format(region=region)
-                rule = f"konnect:{placeholder}.{suffix}"
-                pinned = pins[field]
-                self._prefixed[suffix] = (rule, frozenset(pinned) or None, field)
-                where = (
-                    f"{placeholder} one of: {', '.join(pinned)}"
-                    if pinned
-                    else f"{placeholder} = any one DNS label"
-                )
-                self._preset_lines.append(f"konnect {placeholder}.{suffix}:{ports}  ({where})")
-        for geo in dict.fromkeys((*konnect.mesh_geos, *MESH_GEOS)):
-            name = _MESH_EXACT.format(geo=geo)
-            if geo in konnect.mesh_geos:
-                exact(name)
-            else:
-                self._hints[name] = f'mesh geo "{geo}" is not in konnect.mesh_geos'
+        hints: dict[str, str] = {}
+        for row in TABLE:
+            label = row.label
+            field = LABEL_PINS[label] if label is not None else None
+            pinned = tuple(pins[field]) if field is not None else ()
+            for filled, region, off in _expand(row, konnect):
+                key = filled if label is None else filled.split(".", 1)[1]
+                if off:
+                    hints.setdefault(key, off)
+                    continue
+                rule = f"konnect:{filled}"
+                if label is None:
+                    self._exact.setdefault(key, rule)
+                else:
+                    self._prefixed.setdefault(key, (rule, frozenset(pinned) or None, field))
+                self.presets.append(Preset(rule, row, region, label, pinned))
+        # Near misses (a product, region or geo outside the scope) -> the hint in
+        # the deny detail; a name that another row allows is no near miss.
+        self._hints = {
+            k: v for k, v in hints.items() if k not in self._exact and k not in self._prefixed
+        }
+        ports = ",".join(str(n) for n in konnect.ports)
+        self._preset_lines = [f"konnect {p.text(ports)}" for p in self.presets]
 
     def konnect_rule(self, host: str) -> str | None:
         """The preset a normalised ``host`` matches (any port), else None."""

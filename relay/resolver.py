@@ -4,6 +4,11 @@ addresses.
 
 The relay dials exactly the addresses this module returned and checked: there
 is no second lookup between the check and the connect (no DNS rebinding).
+
+Two lists pin addresses: ``resolver.allowed_cidrs`` (every name) and, for the
+names of the Konnect table, Kong's published ingress prefixes
+(``resolver.konnect_ips``, held by a :class:`KonnectPins` that the feed swaps
+whole when a new list arrives).
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from relay.konnect import is_konnect_host
+
 if TYPE_CHECKING:
     from relay.config import Settings
+    from relay.konnect_ips import IPList
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -81,11 +89,14 @@ def special_purpose(ip: IPAddress) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One address to dial, already checked."""
+    """One address to dial, already checked. ``would_deny`` is set (to the
+    reason's detail) for an address that ``resolver.konnect_ips`` in report
+    mode lets through although it is outside the published prefixes."""
 
     family: int
     address: str
     port: int
+    would_deny: str = ""
 
     @property
     def sockaddr(self) -> tuple[str, int]:
@@ -109,6 +120,30 @@ def static_target(
     return hit[0], hit[1] if hit[1] is not None else port
 
 
+class KonnectPins:
+    """The ingress prefixes Konnect names must resolve into, and what to do
+    about an address outside (``enforce``: refuse; ``report``: let it through,
+    marked). ``ips`` is None while no list has been loaded or fetched. Never
+    changed in place: the feed builds a new one per list or mode."""
+
+    __slots__ = ("_inside", "ips", "mode")
+
+    def __init__(self, ips: IPList | None, mode: str) -> None:
+        self.ips = ips
+        self.mode = mode
+        self._inside: dict[str, bool] = {}
+
+    def inside(self, address: str, ip: IPAddress) -> bool:
+        """Is ``ip`` (``address`` parsed) in the published prefixes?"""
+        verdict = self._inside.get(address)
+        if verdict is None:
+            verdict = self.ips is not None and ip in self.ips
+            if len(self._inside) >= MAX_CACHE_ENTRIES:
+                self._inside.clear()
+            self._inside[address] = verdict
+        return verdict
+
+
 class Resolver:
     """Resolves allowed names; applies the static map and the address checks."""
 
@@ -121,6 +156,7 @@ class Resolver:
         "allowed_networks",
         "cache_ttl",
         "listening",
+        "pins",
         "static",
         "timeout",
     )
@@ -134,8 +170,11 @@ class Resolver:
         allowed_cidrs: Iterable[str] = (),
         nameservers: Iterable[tuple[str, int]] = (),
         timeout: float = 4.0,
+        pins: KonnectPins | None = None,
     ) -> None:
         self.static = static
+        # resolver.konnect_ips: set (and replaced) by the feed; None when off.
+        self.pins = pins
         self.allow_private = allow_private
         self.cache_ttl = cache_ttl
         self.allowed_networks = tuple(ipaddress.ip_network(c) for c in allowed_cidrs)
@@ -155,6 +194,16 @@ class Resolver:
         target = static_target(self.static, host, port)
         if target is not None:
             host, port = target
+        pins = self.pins
+        if pins is not None and not is_konnect_host(name):
+            pins = None  # only the names of the Konnect table are pinned by Kong's list
+        if pins is not None and pins.ips is None and pins.mode == "enforce":
+            raise ResolveError(
+                "konnect_ips_unavailable",
+                f"{name}: Konnect's ingress address list (resolver.konnect_ips) has not "
+                "been fetched yet and no cache_file holds one; retry shortly",
+                status=503,
+            )
         addrs = await self._lookup(host)
         endpoints, refused, unpinned = [], [], []
         for family, address in addrs:
@@ -168,15 +217,30 @@ class Resolver:
                 )
             if kind is not None:
                 refused.append(f"{address} ({kind})")
+            elif pins is not None:
+                # Kong's prefixes plus resolver.allowed_cidrs pin a Konnect name.
+                if pins.inside(address, ip) or (pinned and self.allowed_networks):
+                    endpoints.append(Endpoint(family, address, port))
+                elif pins.mode == "report":
+                    endpoints.append(
+                        Endpoint(family, address, port, _unpinned(name, address, pins))
+                    )
+                else:
+                    unpinned.append(address)
             elif not pinned:
                 unpinned.append(address)
             else:
                 endpoints.append(Endpoint(family, address, port))
         if not endpoints:
             if unpinned:
+                outside = (
+                    "Konnect's published ingress prefixes (resolver.konnect_ips)"
+                    if pins is not None
+                    else "resolver.allowed_cidrs"
+                )
                 raise ResolveError(
                     "address_not_pinned",
-                    f"{name} resolves to {', '.join(unpinned)}, outside resolver.allowed_cidrs",
+                    f"{name} resolves to {', '.join(unpinned)}, outside {outside}",
                     status=403,
                 )
             raise ResolveError(
@@ -265,8 +329,9 @@ class Resolver:
 DNS_SHARE = 0.75
 
 
-def resolver_for(settings: Settings) -> Resolver:
-    """The resolver a relay (or `doctor`) builds from its settings."""
+def resolver_for(settings: Settings, pins: KonnectPins | None = None) -> Resolver:
+    """The resolver a relay (or `doctor`) builds from its settings; ``pins``
+    is the current Konnect ingress list when ``resolver.konnect_ips`` is on."""
     from relay.config import nameserver_address
 
     r = settings.raw.resolver
@@ -277,6 +342,16 @@ def resolver_for(settings: Settings) -> Resolver:
         allowed_cidrs=r.allowed_cidrs,
         nameservers=[nameserver_address(n) for n in r.nameservers],
         timeout=min(r.timeout, settings.limits.connect_timeout * DNS_SHARE),
+        pins=pins,
+    )
+
+
+def _unpinned(name: str, address: str, pins: KonnectPins) -> str:
+    if pins.ips is None:
+        return f"{name}: no Konnect ingress address list yet (resolver.konnect_ips)"
+    return (
+        f"{name} resolves to {address}, outside Konnect's published ingress prefixes "
+        "(resolver.konnect_ips)"
     )
 
 

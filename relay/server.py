@@ -24,11 +24,12 @@ from relay import config, connect, proxyproto, splice, tlspeek
 from relay.auth import CHALLENGE, AuthError
 from relay.config import ListenModel, Settings, TLSModel
 from relay.egress import Dialer, DialError, make_dialers
+from relay.konnect_ips_feed import Feed, unpinned_egresses
 from relay.log import EventLog, json_fields, json_string
 from relay.metrics import Metrics
 from relay.notify import notify
 from relay.policy import Decision, Reason
-from relay.resolver import resolver_for
+from relay.resolver import KonnectPins, resolver_for
 from relay.tunnel import HIGH_WATER, PeekHello, Pending, Tunnel
 
 # A tunnel whose transports were asked to close gracefully but still hold
@@ -386,6 +387,9 @@ class Relay:
         self.dialers: dict[str, Dialer] = make_dialers(
             settings, self.resolver, self._egress_state, self._egress_reconnect
         )
+        self.feed = Feed(
+            settings, self._dialer_for, self.log, self.metrics.konnect_ips, self._set_pins
+        )
         self.listeners: dict[str, tuple[Listener, asyncio.Server]] = {}
         self._bound: dict[str, tuple[str, int]] = {}  # listener key -> configured address
         self.reuse_port = reuse_port
@@ -416,6 +420,19 @@ class Relay:
     def _egress_reconnect(self, name: str) -> None:
         self.metrics.egress_reconnects.labels(name).inc()
 
+    def _dialer_for(self, host: str, port: int) -> Dialer | None:
+        """The relay's own fetches leave the way the routes send host:port."""
+        via = self.settings.route(host, port)
+        return None if via == "deny" else self.dialers.get(via)
+
+    def _set_pins(self, pins: KonnectPins | None) -> None:
+        self.resolver.pins = pins
+
+    def _note_unpinned(self) -> None:
+        if self.settings.konnect_ips.enabled:
+            for egress, why in unpinned_egresses(self.settings):
+                self.log("konnect_ips_not_applied", egress=egress, detail=why)
+
     async def start(self) -> None:
         for spec, address in zip(self.settings.raw.listen, self.settings.listen, strict=True):
             await self._bind(spec, address)
@@ -432,6 +449,8 @@ class Relay:
             self.admin_address = format_target(name[0], name[1])
         for dialer in self.dialers.values():
             await dialer.start()
+        self._note_unpinned()
+        await self.feed.start()
         self.metrics.ready.set(1)
         self._schedule_sweep()
         self.log(
@@ -519,7 +538,7 @@ class Relay:
             for key in fresh:
                 self._unbind(key)
             raise
-        resolver = resolver_for(new)
+        resolver = resolver_for(new, self.feed.pins)
         resolver.listening = self.resolver.listening
         dialers = make_dialers(new, resolver, self._egress_state, self._egress_reconnect)
         kept: dict[str, Dialer] = {}
@@ -535,6 +554,8 @@ class Relay:
         self.settings, self.resolver, self.dialers, self.auth = new, resolver, kept, new.auth
         for dialer in retired:
             await dialer.close()
+        await self.feed.reconfigure(new)
+        self._note_unpinned()
         for key in list(self.listeners):
             if key not in wanted:
                 self._unbind(key)
@@ -613,6 +634,7 @@ class Relay:
             self._sweeper.cancel()
         for server in self.servers:
             server.close()
+        await self.feed.close()
         for dialer in self.dialers.values():
             await dialer.close()
         if self._admin is not None:
@@ -816,6 +838,11 @@ class Relay:
                 timer.cancel()
             elapsed = self.loop.time() - started
             self.metrics.connect_time(dialer.name).observe(elapsed)
+            if dialled.would_deny:  # resolver.konnect_ips in report mode
+                self.metrics.would_deny.labels("address_not_pinned").inc()
+                extra["would_deny"] = True
+                extra["would_deny_reason"] = "address_not_pinned"
+                extra["would_deny_detail"] = dialled.would_deny
             who = (conn.user, conn.cert, conn.client_ip)
             if self.settings is not settings and self._revoked(who, host, port):
                 dialled.transport.abort()  # a reload during the dial denies it now

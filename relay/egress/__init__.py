@@ -35,12 +35,15 @@ class Dialled:
     """A connected upstream. ``leftover`` are bytes that arrived during the egress
     handshake (e.g. after a parent proxy's 200) and belong to the tunnel.
     ``keepalive``: SO_KEEPALIVE is still to be set on this TCP connection (the
-    server does it once the tunnel has lived through one sweep period)."""
+    server does it once the tunnel has lived through one sweep period).
+    ``would_deny``: the dialled address is one ``resolver.konnect_ips`` in
+    report mode let through (the detail to log), else empty."""
 
     transport: asyncio.Transport
     peer: str
     leftover: bytes = b""
     keepalive: bool = False
+    would_deny: str = ""
 
 
 class Dialer(abc.ABC):

@@ -177,4 +177,4 @@ class DirectDialer(Dialer):
         # tunnel) is set later, by the server's sweep (Relay._sweep).
         # TCP_NODELAY, which tunnels of TLS records want, is set by the event
         # loop itself on every TCP transport, uvloop and asyncio alike.
-        return Dialled(transport, str(endpoint), keepalive=True)
+        return Dialled(transport, str(endpoint), keepalive=True, would_deny=endpoint.would_deny)

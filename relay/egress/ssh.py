@@ -365,12 +365,12 @@ class SSHDialer(Dialer):
                 endpoints = await self.resolver.resolve(host, port)
             except ResolveError as exc:
                 raise DialError(exc.reason, exc.detail, exc.status) from None
-            targets = [(e.address, e.port, str(e)) for e in endpoints]
+            targets = [(e.address, e.port, str(e), e.would_deny) for e in endpoints]
         else:
             h, p = static_target(self.resolver.static, host, port) or (host, port)
-            targets = [(h, p, f"[{h}]:{p}" if ":" in h else f"{h}:{p}")]
+            targets = [(h, p, f"[{h}]:{p}" if ":" in h else f"{h}:{p}", "")]
         failures: list[DialError] = []
-        for h, p, where in targets:
+        for h, p, where, would_deny in targets:
             try:
                 session = await self._open(link, h, p, where, protocol)
             except DialError as exc:
@@ -379,7 +379,7 @@ class SSHDialer(Dialer):
                 failures.append(exc)
                 continue
             assert session.transport is not None
-            return Dialled(session.transport, f"{where} via ssh {self.who}")
+            return Dialled(session.transport, f"{where} via ssh {self.who}", would_deny=would_deny)
         raise DialError(failures[0].reason, "; ".join(f.detail for f in failures))
 
     async def _open(
