@@ -46,6 +46,9 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    # resolver.konnect_ips with fetch: false (a worker's, or an operator's whose
+    # file another process keeps current): re-read cache_file.
+    loop.add_signal_handler(signal.SIGUSR1, relay.feed.reread)
     try:
         await relay.start()
     except OSError as exc:
@@ -123,6 +126,48 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return 0 if allowed else 1
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    """The effective Konnect allowlist: every preset with its product and purpose."""
+    settings = _load(args.config)
+    pol = settings.policy
+    ports = sorted(pol.konnect.ports)
+    if args.format == "json":
+        import json
+
+        rules = [
+            {
+                "rule": p.rule,
+                "pattern": p.row.pattern,
+                "product": p.row.product,
+                "purpose": p.row.purpose,
+                "legacy": p.row.legacy,
+                "region": p.region,
+                "label": p.label,
+                "pinned": list(p.pinned),
+                "ports": ports,
+            }
+            for p in pol.presets
+        ]
+        extra = {
+            "allow": [p.text for p in pol.allow],
+            "deny": [p.text for p in pol.deny],
+            "products": list(pol.konnect.products),
+        }
+        print(json.dumps({"presets": rules, **extra}, indent=1))
+        return 0
+    width = max((len(p.rule) for p in pol.presets), default=0)
+    print(f"# konnect.products: {', '.join(pol.konnect.products)}; ports: {ports}")
+    for p in pol.presets:
+        legacy = " (legacy)" if p.row.legacy else ""
+        pinned = f" [{p.label} one of: {', '.join(p.pinned)}]" if p.pinned else ""
+        print(f"{p.rule:<{width}}  {p.row.product:<13} {p.row.purpose}{legacy}{pinned}")
+    for pattern in pol.allow:
+        print(f"allow:{pattern.text}")
+    for pattern in pol.deny:
+        print(f"deny:{pattern.text}  (wins over everything)")
+    return 0
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     """Print an argon2id hash for auth.basic.users[].password_hash."""
     import getpass
@@ -170,6 +215,12 @@ def parser() -> argparse.ArgumentParser:
     pol.add_argument("target", metavar="HOST:PORT")
     pol.add_argument("--config")
     pol.set_defaults(func=cmd_policy)
+    pre = sub.add_parser(
+        "presets", help="print the effective Konnect allowlist with each rule's product and purpose"
+    )
+    pre.add_argument("--config", help="YAML config file (default: the embedded default)")
+    pre.add_argument("--format", choices=("text", "json"), default="text")
+    pre.set_defaults(func=cmd_presets)
     doc = sub.add_parser(
         "doctor",
         help="check that Konnect hosts are reachable through the configured egress "
@@ -200,4 +251,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command != "run":
+        # A command whose reader went away (`konnect-relay presets | head`)
+        # ends quietly, as Unix tools do; the relay itself keeps Python's
+        # default and never dies of a closed log pipe.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     return int(args.func(args))

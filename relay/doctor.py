@@ -30,7 +30,7 @@ from typing import TextIO, cast
 
 from relay.config import Settings
 from relay.egress import Dialer, DialError, make_dialers
-from relay.resolver import ResolveError, Resolver, resolver_for
+from relay.resolver import KonnectPins, ResolveError, Resolver, resolver_for
 
 SECONDS = 1.0
 # Kong's client gives up on every proxy step after 5 s; a DNS lookup or TLS
@@ -63,7 +63,10 @@ _RESOLVE_VERDICTS = {
     "dns_timeout": "DNS timeout",
     "private_address": "non-public address refused",
     "address_not_pinned": "address outside resolver.allowed_cidrs",
+    "konnect_ips_unavailable": "no Konnect ingress list (konnect_ips)",
 }
+# How an address outside resolver.konnect_ips shows in the ADDRESSES column.
+OUTSIDE_MARK = " (outside konnect_ips)"
 
 COLUMNS = ("HOST", "ADDRESSES", "CONNECT", "TLS", "CERT EXPIRES", "VERDICT")
 
@@ -365,6 +368,9 @@ class Doctor:
     verified_against: str
     timeout: float
     connect_timeout: float
+    # resolver.konnect_ips mode when the list is on; the resolver's pins are
+    # in report mode here, so that every address shows with its verdict.
+    pin_mode: str = ""
 
     async def check(self, host: str, port: int) -> Check:
         check = Check(host, port)
@@ -401,7 +407,12 @@ class Doctor:
                     # the cause fits in the table; the detail would only repeat it
                     verdict, detail = f"{verdict}: {detail.rpartition(': ')[2]}", ""
                 raise _Failed(verdict, detail) from None
-            check.addresses = [str(e) for e in endpoints]
+            check.addresses = [str(e) + (OUTSIDE_MARK if e.would_deny else "") for e in endpoints]
+            if self.pin_mode == "enforce" and all(e.would_deny for e in endpoints):
+                raise _Failed(
+                    "address outside konnect_ips",
+                    endpoints[0].would_deny + "; the relay refuses it (address_not_pinned)",
+                )
         probe = _Probe(loop)
         # not loop.time(): uvloop's clock is libuv's, in whole milliseconds
         started = time.perf_counter()
@@ -454,6 +465,44 @@ class Doctor:
 # --- entry points -------------------------------------------------------------
 
 
+async def konnect_ips_list(
+    settings: Settings, dialers: dict[str, Dialer]
+) -> tuple[KonnectPins, str]:
+    """The list the relay would hold (its cache_file, else one fetch through
+    the egress), and a line saying where it came from, how old and how large."""
+    from prometheus_client import CollectorRegistry
+
+    from relay.konnect_ips_feed import Feed
+    from relay.metrics import KonnectIPsMetrics
+
+    problems: list[str] = []
+
+    def log(event: str, **fields: object) -> None:
+        if event == "konnect_ips_refresh_failed":
+            problems.append(str(fields.get("detail", "")))
+
+    def dialer_for(host: str, port: int) -> Dialer | None:
+        via = settings.route(host, port)
+        return None if via == "deny" else dialers.get(via)
+
+    model = settings.konnect_ips
+    feed = Feed(settings, dialer_for, log, KonnectIPsMetrics(CollectorRegistry()), lambda p: None)
+    if model.cache_file is not None:
+        feed.load_file()
+    if feed.ips is None and model.fetch:
+        await feed.refresh()
+    if feed.ips is not None:
+        regions = ", ".join(f"{k} {n}" for k, n in feed.ips.per_region.items())
+        line = (
+            f"konnect_ips: {len(feed.ips)} prefixes ({regions}) from {feed.source}, "
+            f"fetched {feed.age():.0f} s ago; mode {model.mode}"
+        )
+    else:
+        why = "; ".join(problems) or f"{model.cache_file} holds no list"
+        line = f"konnect_ips: no list ({why}); mode {model.mode}"
+    return KonnectPins(feed.ips, model.mode), line
+
+
 def tls_context(cafile: str | None) -> tuple[ssl.SSLContext, str]:
     """A verifying client context (hostname and chain; TLS >= 1.2) and what it trusts."""
     try:
@@ -488,12 +537,17 @@ async def _run(
     verified_against: str,
     timeout: float | None,
     err: TextIO,
-) -> list[Check]:
+) -> tuple[list[Check], str]:
     resolver = resolver_for(settings)
     dialers = make_dialers(settings, resolver)
     try:
         for dialer in dialers.values():
             await dialer.start()
+        pin_mode = summary = ""
+        if settings.konnect_ips.enabled:
+            pin_mode = settings.konnect_ips.mode
+            pins, summary = await konnect_ips_list(settings, dialers)
+            resolver.pins = KonnectPins(pins.ips, "report") if pins.ips is not None else pins
         doctor = Doctor(
             settings,
             resolver,
@@ -502,10 +556,11 @@ async def _run(
             verified_against,
             timeout=timeout or DEFAULT_TIMEOUT,
             connect_timeout=timeout or settings.limits.connect_timeout,
+            pin_mode=pin_mode,
         )
         progress = Progress(err, len(targets))
         try:
-            return await check_all(doctor, targets, progress)
+            return await check_all(doctor, targets, progress), summary
         finally:
             progress.close()
     finally:
@@ -542,7 +597,9 @@ def main(
     except UsageError as exc:
         print(f"doctor: {exc}", file=err)
         return 2
-    checks = uvloop.run(_run(settings, targets, context, verified_against, timeout, err))
+    checks, summary = uvloop.run(_run(settings, targets, context, verified_against, timeout, err))
+    if summary:
+        out.write(summary + "\n\n")
     out.write(format_table(checks, datetime.now(UTC)))
     if note:
         out.write(f"\nnote: {note}\n")

@@ -174,6 +174,12 @@ class Feed:
         elif new.url != old.url or regions_changed:
             self._wake.set()
 
+    def reread(self) -> None:
+        """SIGUSR1: take ``cache_file`` again (with ``fetch: false`` another
+        process keeps it current: the supervisor, for its workers)."""
+        if self.enabled and self.model.cache_file is not None:
+            self.load_file()
+
     # --- sources -----------------------------------------------------------------
 
     def load_file(self) -> bool:

@@ -66,9 +66,12 @@ from prometheus_client.registry import Collector
 from relay import config
 from relay.admin import MAX_ADMIN_HEAD, handle_request, http_response
 from relay.config import SECONDS, Settings
+from relay.egress import Dialer, make_dialers
+from relay.konnect_ips_feed import Feed, write_atomically
 from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
 from relay.notify import notify
+from relay.resolver import resolver_for
 
 # A one-off crash costs half a second of one worker's share of new connections.
 BACKOFF_START = 0.5 * SECONDS
@@ -237,10 +240,21 @@ def load_document(path: str | None) -> tuple[Settings, dict[str, Any]]:
     return settings, data if isinstance(data, dict) else {}
 
 
-def worker_document(data: dict[str, Any], listen: Sequence[str]) -> dict[str, Any]:
+def worker_document(
+    data: dict[str, Any], listen: Sequence[str], konnect_ips_file: str | None = None
+) -> dict[str, Any]:
     """The workers' config: the operator's, with concrete listen addresses, one
-    worker each and no TCP admin listener (theirs is a Unix socket)."""
+    worker each and no TCP admin listener (theirs is a Unix socket). With
+    ``konnect_ips_file`` the workers read Konnect's ingress list from that file
+    (the supervisor fetches it once for all of them) instead of fetching it."""
     doc = copy.deepcopy(data)
+    if konnect_ips_file is not None:
+        resolver = doc.setdefault("resolver", {})
+        resolver["konnect_ips"] = {
+            **resolver.get("konnect_ips", {}),
+            "fetch": False,
+            "cache_file": konnect_ips_file,
+        }
     entries = doc.get("listen")
     if isinstance(entries, list):
         for entry, address in zip(entries, listen, strict=True):
@@ -397,6 +411,49 @@ class Supervisor:
         self.keepers: list[asyncio.Task[None]] = []
         self.reload_lock = asyncio.Lock()
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl
+        # resolver.konnect_ips: fetched here, once for every worker, through
+        # the supervisor's own dialers; each accepted document goes to the
+        # workers through this file and a SIGUSR1.
+        self.konnect_ips_file = os.path.join(self.rundir, "konnect-ips.json")
+        self.dialers: dict[str, Dialer] = {}
+        self.feed = Feed(
+            settings,
+            self.dialer_for,
+            self.log,
+            self.metrics.konnect_ips,
+            on_pins=lambda pins: None,
+            on_document=self.hand_konnect_ips,
+        )
+
+    def dialer_for(self, host: str, port: int) -> Dialer | None:
+        via = self.settings.route(host, port)
+        return None if via == "deny" else self.dialers.get(via)
+
+    async def start_dialers(self, settings: Settings) -> None:
+        """The egresses the feed fetches through (only while it fetches)."""
+        for dialer in self.dialers.values():
+            await dialer.close()
+        self.dialers = {}
+        if settings.konnect_ips.enabled and settings.konnect_ips.fetch:
+            self.dialers = make_dialers(settings, resolver_for(settings))
+            for dialer in self.dialers.values():
+                await dialer.start()
+
+    def hand_konnect_ips(self, data: bytes, fetched_at: float) -> None:
+        """Pass an accepted document to the workers (file, then SIGUSR1)."""
+        try:
+            write_atomically(self.konnect_ips_file, data, fetched_at)
+        except OSError as exc:
+            self.log("konnect_ips_cache_failed", cache_file=self.konnect_ips_file, error=str(exc))
+            return
+        for worker in self.workers:
+            self.tell_konnect_ips(worker)
+
+    def tell_konnect_ips(self, worker: Worker) -> None:
+        # Only a worker that listens has its SIGUSR1 handler (the signal's
+        # default action would end it); one that starts later reads the file.
+        if worker.ready and worker.alive and worker.proc is not None:
+            worker.proc.send_signal(signal.SIGUSR1)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)
@@ -451,6 +508,8 @@ class Supervisor:
             proxy = record.get("proxy")
             worker.proxy = [str(a) for a in proxy] if isinstance(proxy, list) else []
             self.count_workers()
+            if self.feed.document:
+                self.tell_konnect_ips(worker)  # in case it read the file before it was written
             if worker.generation < self.generation and worker.proc is not None:
                 # started before the latest reload rewrote its config
                 worker.generation = self.generation
@@ -488,7 +547,9 @@ class Supervisor:
         """Generate the workers' file: written aside and renamed, so a worker
         never reads half of it."""
         listen = self.ports.concrete(settings)
-        doc = worker_document(document, listen)
+        doc = worker_document(
+            document, listen, self.konnect_ips_file if settings.konnect_ips.enabled else None
+        )
         tmp = self.worker_config + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -728,6 +789,8 @@ class Supervisor:
             self.log("reload_failed", config=settings.source, errors=[f"listen: {exc}"])
             return False
         self.settings, self.document = settings, document
+        await self.start_dialers(settings)
+        await self.feed.reconfigure(settings)
         self.generation += 1
         waiters: dict[int, asyncio.Future[bool]] = {}
         for worker in self.workers:
@@ -770,6 +833,8 @@ class Supervisor:
             except OSError as exc:
                 print(f"cannot listen: {exc}", file=sys.stderr)
                 return 1
+            await self.start_dialers(self.settings)
+            await self.feed.start()
             self.keepers = [self.loop.create_task(self.keep(w)) for w in self.workers]
             await self.stop.wait()
             clean = await self.drain()
@@ -805,6 +870,9 @@ class Supervisor:
         return not late and all(s in CLEAN_EXITS for s in statuses)
 
     async def close(self) -> None:
+        await self.feed.close()
+        for dialer in self.dialers.values():
+            await dialer.close()
         for task in self.keepers:
             task.cancel()
         if self.keepers:
