@@ -1,23 +1,21 @@
-"""The admin listener: /metrics, /healthz, /readyz, /tunnels.
+"""The admin listener: a small HTTP/1.1 server with a dispatch table.
 
-A deliberately small HTTP/1.1 server (GET and HEAD, one request per
-connection) on the relay's own event loop, so /tunnels and the byte counters
-are read without locks and are current to the moment of the request.
+GET and HEAD, one request per connection, on the event loop of whoever serves
+it, so what a handler shows is current to the moment of the request and read
+without locks. It knows nothing of what it serves: the relay and the
+supervisor each hand it their table of ``path -> handler``; the handlers live
+with what they show (the tunnel book, the metrics, the supervisor's workers).
+Every handler only reads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-if TYPE_CHECKING:
-    from relay.server import Relay
+from relay.tasks import TaskSet
 
 # Admin requests are tiny; anything bigger is not a scraper or a probe.
 MAX_ADMIN_HEAD = 8 * 1024
@@ -33,31 +31,22 @@ _REASONS = {
 }
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "text/plain"
 
 
-def tunnels_json(relay: Relay) -> list[dict[str, object]]:
-    """The live tunnels, as /tunnels returns them."""
-    now = time.monotonic()
-    mono_to_wall = time.time() - now
-    for t in relay.tunnels.values():
-        t.idle_for(now)  # refreshes last_activity from the byte counters
-    return [
-        {
-            "id": t.id,
-            "client": t.client,
-            "host": t.host,
-            "port": t.port,
-            "egress": t.egress,
-            "listener": t.listener,
-            "opened_at": _iso(t.opened_at),
-            "bytes_up": t.bytes_up,
-            "bytes_down": t.bytes_down,
-            "last_activity": _iso(t.last_activity + mono_to_wall),
-        }
-        for t in relay.tunnels.values()
-    ]
+def text(status: int, body: str) -> Reply:
+    return Reply(status, body.encode())
+
+
+def json_reply(value: object) -> Reply:
+    return Reply(200, json.dumps(value, indent=1).encode(), "application/json")
+
+
+Handler = Callable[[], Awaitable[Reply]]
 
 
 def http_response(status: int, body: bytes, content_type: str, head_only: bool = False) -> bytes:
@@ -72,89 +61,65 @@ def http_response(status: int, body: bytes, content_type: str, head_only: bool =
     return head if head_only else head + body
 
 
-def route(relay: Relay, method: str, path: str) -> bytes:
-    head_only = method == "HEAD"
-    if method not in ("GET", "HEAD"):
-        return http_response(405, b"method not allowed\n", "text/plain")
-    path = path.split("?", 1)[0]
-    if path == "/metrics":
-        relay.fold_all()
-        return http_response(
-            200, generate_latest(relay.metrics.registry), CONTENT_TYPE_LATEST, head_only
-        )
-    if path == "/healthz":
-        return http_response(200, b"ok\n", "text/plain", head_only)
-    if path == "/readyz":
-        if relay.draining:
-            return http_response(503, b"draining\n", "text/plain", head_only)
-        return http_response(200, b"ready\n", "text/plain", head_only)
-    if path == "/debug/tasks":
-        # For leak checks: what the relay holds besides its tunnels.
-        body = json.dumps(
-            {
-                "relay_tasks": len(relay.tasks),
-                "loop_tasks": len(asyncio.all_tasks(relay.loop)),
-                "dialing": relay.dialing,
-                "pending_heads": len(relay.pending),
-                "tunnels": len(relay.tunnels),
-            }
-        ).encode()
-        return http_response(200, body, "application/json", head_only)
-    if path == "/tunnels":
-        body = json.dumps(tunnels_json(relay), indent=1).encode()
-        return http_response(200, body, "application/json", head_only)
-    return http_response(404, b"not found\n", "text/plain", head_only)
+class AdminServer:
+    """Serves ``routes`` (path -> handler); the query string is ignored."""
 
+    def __init__(self, routes: Mapping[str, Handler]) -> None:
+        self.routes = dict(routes)
+        self.tasks = TaskSet()
+        self.server: asyncio.Server | None = None
 
-Route = Callable[[str, str], Awaitable[bytes]]
+    async def answer(self, method: str, path: str) -> bytes:
+        if method not in ("GET", "HEAD"):
+            return http_response(405, b"method not allowed\n", "text/plain")
+        handler = self.routes.get(path.split("?", 1)[0])
+        if handler is None:
+            reply = text(404, "not found\n")
+        else:
+            reply = await handler()
+        return http_response(reply.status, reply.body, reply.content_type, method == "HEAD")
 
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read one request head (bounded in size and time), answer, close."""
+        try:
+            async with asyncio.timeout(ADMIN_READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            if len(head) > MAX_ADMIN_HEAD:
+                raise ValueError
+            parts = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+                raise ValueError
+            writer.write(await self.answer(parts[0], parts[1]))
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.write(http_response(408, b"incomplete request\n", "text/plain"))
+        except (ValueError, UnicodeDecodeError):
+            writer.write(http_response(400, b"bad request\n", "text/plain"))
+        except ConnectionError:
+            pass
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
 
-async def handle_request(
-    route: Route, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    """Read one request head (bounded in size and time), answer with
-    ``route(method, path)``, close. Shared by the relay and the supervisor."""
-    try:
-        async with asyncio.timeout(ADMIN_READ_TIMEOUT):
-            head = await reader.readuntil(b"\r\n\r\n")
-        if len(head) > MAX_ADMIN_HEAD:
-            raise ValueError
-        parts = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise ValueError
-        writer.write(await route(parts[0], parts[1]))
-    except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        writer.write(http_response(408, b"incomplete request\n", "text/plain"))
-    except (ValueError, UnicodeDecodeError):
-        writer.write(http_response(400, b"bad request\n", "text/plain"))
-    except ConnectionError:
-        pass
-    try:
-        await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
+    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.tasks.spawn(self.handle(reader, writer))
 
+    async def start(self, host: str, port: int) -> str:
+        """Listen on TCP; the bound ``host:port``."""
+        from relay.hostport import hostport
 
-def _connected(relay: Relay) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
-    tasks: set[asyncio.Task[None]] = set()
+        self.server = await asyncio.start_server(self._connected, host, port, limit=MAX_ADMIN_HEAD)
+        name = self.server.sockets[0].getsockname()
+        return hostport(name[0], name[1])
 
-    async def answer(method: str, path: str) -> bytes:
-        return route(relay, method, path)
+    async def start_unix(self, path: str) -> str:
+        """A worker's admin endpoint, on a Unix socket its supervisor queries."""
+        self.server = await asyncio.start_unix_server(self._connected, path, limit=MAX_ADMIN_HEAD)
+        return path
 
-    def client_connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = relay.loop.create_task(handle_request(answer, reader, writer))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    return client_connected
-
-
-async def start_admin(relay: Relay, host: str, port: int) -> asyncio.Server:
-    return await asyncio.start_server(_connected(relay), host, port, limit=MAX_ADMIN_HEAD)
-
-
-async def start_admin_unix(relay: Relay, path: str) -> asyncio.Server:
-    """A worker's admin endpoint, on a Unix socket its supervisor queries."""
-    return await asyncio.start_unix_server(_connected(relay), path, limit=MAX_ADMIN_HEAD)
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.tasks.cancel()

@@ -38,12 +38,9 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[bool]] = set()
 
     def on_sighup() -> None:
-        task = loop.create_task(relay.reload(args.config))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        relay.tasks.spawn(relay.reload(args.config))
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     # resolver.konnect_ips with fetch: false (a worker's, or an operator's whose

@@ -628,6 +628,11 @@ class Settings:
     egress: str
     limits: LimitsModel
     konnect_ips: KonnectIPsModel = field(default_factory=KonnectIPsModel)
+    policy_mode: str = "enforce"
+    clients_only: bool = False
+    close_revoked: bool = True
+    require_tls: bool = True
+    check_sni: bool = True
     source: str = "<embedded default>"
     raw: FileConfig = field(default_factory=FileConfig, repr=False)
 
@@ -645,7 +650,7 @@ class Settings:
         for entry in self.clients:
             if entry.matches(user, cert, ip):
                 return entry.name, entry.policy
-        if self.raw.clients_only:
+        if self.clients_only:
             return "", None
         return "", self.policy
 
@@ -739,6 +744,11 @@ def build(data: Any, source: str = "<config>") -> Settings:
         egress=raw.egress.mode,
         limits=raw.limits,
         konnect_ips=raw.resolver.konnect_ips,
+        policy_mode=raw.policy_mode,
+        clients_only=raw.clients_only,
+        close_revoked=raw.reload.close_revoked,
+        require_tls=raw.konnect.require_tls,
+        check_sni=raw.konnect.check_sni,
         source=source,
         raw=raw,
     )

@@ -34,6 +34,7 @@ from relay.konnect import MESH_GEOS
 from relay.konnect_ips import MAX_DOCUMENT_SIZE, IPList, IPListError, parse_document
 from relay.metrics import KonnectIPsMetrics
 from relay.resolver import KonnectPins
+from relay.tasks import TaskSet
 
 # Retries after a failed fetch: 1 s, 2 s, 4 s ... up to 5 min (or `refresh`
 # when shorter), each drawn from [half, whole] so a fleet does not retry in step.
@@ -105,6 +106,7 @@ class Feed:
         self.source = ""  # where the list in force came from
         self.last_error = ""
         self.pins: KonnectPins | None = None
+        self._tasks = TaskSet()
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._first = asyncio.Event()
@@ -140,7 +142,7 @@ class Feed:
 
     def _start_task(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = self._tasks.spawn(self._run())
 
     async def close(self) -> None:
         task, self._task = self._task, None

@@ -19,11 +19,13 @@ import bisect
 from collections.abc import Callable, Iterator
 
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Info,
     disable_created_metrics,
+    generate_latest,
 )
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -33,6 +35,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import INF, floatToGoString
+
+from relay.admin import Reply
 
 # The *_created series double the exposition size and no dashboard uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -224,6 +228,10 @@ class Metrics:
         self.ready = Gauge(
             "konnect_relay_ready", "1 while accepting new tunnels, 0 while draining", registry=r
         )
+
+    def reply(self) -> Reply:
+        """/metrics: the exposition of this registry."""
+        return Reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
 
     def host(self, label: str) -> HostSeries:
         series = self.hosts.get(label)

@@ -46,7 +46,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,14 +64,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from relay import config
-from relay.admin import MAX_ADMIN_HEAD, handle_request, http_response
+from relay.admin import AdminServer, Handler, Reply, text
 from relay.config import SECONDS, Settings
 from relay.egress import Dialer, make_dialers
+from relay.hostport import hostport
 from relay.konnect_ips_feed import Feed, write_atomically
 from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
 from relay.notify import notify
 from relay.resolver import resolver_for
+from relay.tasks import TaskSet
 
 # A one-off crash costs half a second of one worker's share of new connections.
 BACKOFF_START = 0.5 * SECONDS
@@ -266,10 +268,6 @@ def worker_document(
     return doc
 
 
-def with_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class PortReservations:
     """Concrete ports for ``listen:`` entries written with port 0.
 
@@ -300,7 +298,7 @@ class PortReservations:
                     sock = self._reserve(host)
                     fresh.append(sock)
                 keep[key] = sock
-                out.append(with_port(host, sock.getsockname()[1]))
+                out.append(hostport(host, sock.getsockname()[1]))
         except OSError:
             for sock in fresh:
                 sock.close()
@@ -402,12 +400,12 @@ class Supervisor:
         self.retired: list[Metric] = []  # cumulative samples of dead workers
         self.held: list[str] | None = []  # worker lines until the relay as a whole listens
         self.announced = False
-        self.admin: asyncio.Server | None = None
+        self.admin = AdminServer(self.admin_routes())
         self.admin_address: str | None = None
         self.draining = False
         self.fatal: str | None = None
         self.stop = asyncio.Event()
-        self.tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSet(self.loop)
         self.keepers: list[asyncio.Task[None]] = []
         self.reload_lock = asyncio.Lock()
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -454,12 +452,6 @@ class Supervisor:
         # default action would end it); one that starts later reads the file.
         if worker.ready and worker.alive and worker.proc is not None:
             worker.proc.send_signal(signal.SIGUSR1)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
 
     # --- output ------------------------------------------------------------------
 
@@ -717,37 +709,31 @@ class Supervisor:
             out.extend({**entry, "worker": worker.index} for entry in entries)
         return json.dumps(out, indent=1).encode()
 
-    async def route(self, method: str, path: str) -> bytes:
-        head_only = method == "HEAD"
-        if method not in ("GET", "HEAD"):
-            return http_response(405, b"method not allowed\n", "text/plain")
-        path = path.split("?", 1)[0]
-        if path == "/metrics":
-            return http_response(200, await self.scrape(), CONTENT_TYPE_LATEST, head_only)
-        if path == "/healthz":
+    def admin_routes(self) -> dict[str, Handler]:
+        async def metrics() -> Reply:
+            return Reply(200, await self.scrape(), CONTENT_TYPE_LATEST)
+
+        async def healthz() -> Reply:
             if not any(w.alive for w in self.workers):
-                return http_response(503, b"no worker running\n", "text/plain", head_only)
-            return http_response(200, b"ok\n", "text/plain", head_only)
-        if path == "/readyz":
+                return text(503, "no worker running\n")
+            return text(200, "ok\n")
+
+        async def readyz() -> Reply:
             if self.draining:
-                return http_response(503, b"draining\n", "text/plain", head_only)
+                return text(503, "draining\n")
             if not any(w.ready for w in self.workers):
-                return http_response(503, b"no worker ready\n", "text/plain", head_only)
-            return http_response(200, b"ready\n", "text/plain", head_only)
-        if path == "/tunnels":
-            return http_response(200, await self.tunnels(), "application/json", head_only)
-        return http_response(404, b"not found\n", "text/plain", head_only)
+                return text(503, "no worker ready\n")
+            return text(200, "ready\n")
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await handle_request(self.route, reader, writer)
+        async def tunnels() -> Reply:
+            return Reply(200, await self.tunnels(), "application/json")
 
-    def admin_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.spawn(self.handle(reader, writer))
+        return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz, "/tunnels": tunnels}
 
     # --- reload ----------------------------------------------------------------------------
 
     def on_sighup(self) -> None:
-        self.spawn(self.reload())
+        self.tasks.spawn(self.reload())
 
     async def reload(self) -> bool:
         """Validate the config here; forward SIGHUP only when it is valid."""
@@ -815,12 +801,8 @@ class Supervisor:
     # --- run and drain -------------------------------------------------------------------
 
     async def start_admin(self) -> None:
-        if self.settings.admin is None:
-            return
-        host, port = self.settings.admin
-        self.admin = await asyncio.start_server(self.admin_client, host, port, limit=MAX_ADMIN_HEAD)
-        name = self.admin.sockets[0].getsockname()
-        self.admin_address = with_port(name[0], name[1])
+        if self.settings.admin is not None:
+            self.admin_address = await self.admin.start(*self.settings.admin)
 
     async def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -835,7 +817,7 @@ class Supervisor:
                 return 1
             await self.start_dialers(self.settings)
             await self.feed.start()
-            self.keepers = [self.loop.create_task(self.keep(w)) for w in self.workers]
+            self.keepers = [self.tasks.spawn(self.keep(w)) for w in self.workers]
             await self.stop.wait()
             clean = await self.drain()
             if self.fatal is not None:
@@ -877,12 +859,9 @@ class Supervisor:
             task.cancel()
         if self.keepers:
             await asyncio.wait(self.keepers)
-        if self.admin is not None:
-            self.admin.close()
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks))
+        self.admin.close()
+        self.tasks.cancel()
+        await self.tasks.wait()
         self.ports.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
         if self.pid_file:

@@ -459,6 +459,12 @@ class Tunnel:
             with contextlib.suppress(OSError):  # closed meanwhile: nothing to keep alive
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
+    def activity(self, now: float) -> float:
+        """When bytes last moved, as far as the sweep knows (``now`` if they
+        moved since it last looked); changes nothing."""
+        total = self.client_side.nbytes + self.upstream_side.nbytes
+        return now if total != self.seen_bytes else self.last_activity
+
     def idle_for(self, now: float) -> float:
         """Seconds since the sweep last saw a byte move (sweep granularity)."""
         total = self.client_side.nbytes + self.upstream_side.nbytes

@@ -31,3 +31,25 @@ def test_static_check(command: list[str]) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_tasks_are_created_only_by_the_task_set() -> None:
+    """A task nothing holds can be collected mid-run: every task goes through
+    relay.tasks.TaskSet. ruff's banned-api (TID251) sees ``asyncio.create_task``
+    but not ``loop.create_task``; this check sees both (and TaskGroup's, which
+    holds its tasks, is allowed)."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "relay").rglob("*.py")):
+        if path.name == "tasks.py" and path.parent.name == "relay":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("create_task", "ensure_future")
+                and not (isinstance(node.func.value, ast.Name) and node.func.value.id == "group")
+            ):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from relay.egress import Dialer, DialError, Dialled, classify
 from relay.resolver import Endpoint, ResolveError, Resolver
+from relay.tasks import TaskSet
 
 # RFC 8305 §5: "Connection Attempt Delay" recommended default 250 ms.
 CONNECTION_ATTEMPT_DELAY = 0.25
@@ -80,7 +81,7 @@ async def _race(
             return await attempt(endpoints[0]), endpoints[0]
         except OSError as exc:
             raise classify(exc, str(endpoints[0])) from None
-    loop = asyncio.get_running_loop()
+    spawned = TaskSet()
     attempts: dict[asyncio.Task[T], Endpoint] = {}
     errors: list[DialError] = []
     queue = list(endpoints)
@@ -88,7 +89,7 @@ async def _race(
         while queue or attempts:
             if queue:
                 endpoint = queue.pop(0)
-                attempts[loop.create_task(attempt(endpoint))] = endpoint  # type: ignore[arg-type]
+                attempts[spawned.spawn(attempt(endpoint))] = endpoint  # type: ignore[arg-type]
             done, _ = await asyncio.wait(
                 attempts, timeout=delay if queue else None, return_when=asyncio.FIRST_COMPLETED
             )

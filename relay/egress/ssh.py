@@ -36,6 +36,7 @@ import asyncssh
 from relay.config import SSHModel
 from relay.egress import Dialer, DialError, Dialled
 from relay.resolver import ResolveError, Resolver, static_target
+from relay.tasks import TaskSet
 
 # The issue's cap on the reconnect delay.
 BACKOFF_CAP = 30.0
@@ -252,7 +253,7 @@ class SSHDialer(Dialer):
         self.link: _Link | None = None
         self._task: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()
-        self._opening: set[asyncio.Task[Any]] = set()
+        self._opening = TaskSet()  # the connection task and channel opens
         self._closed = False
 
     @property
@@ -266,7 +267,7 @@ class SSHDialer(Dialer):
         if self._task is not None or self._closed:
             return
         self._report(False)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = self._opening.spawn(self._run())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(STARTUP_WAIT, self.model.connect_timeout)):
                 await self._settled.wait()
@@ -390,15 +391,12 @@ class SSHDialer(Dialer):
         open: a channel that opens after all is aborted at once."""
         conn = link.conn
         assert conn is not None
-        loop = asyncio.get_running_loop()
         self.active += 1
-        task = loop.create_task(
+        task = self._opening.spawn(
             conn.create_connection(
                 lambda: ChannelSession(self, link, protocol), host, port, window=CHANNEL_WINDOW
             )
         )
-        self._opening.add(task)
-        task.add_done_callback(self._opening.discard)
         try:
             _chan, session = await asyncio.shield(task)
         except asyncio.CancelledError:

@@ -272,7 +272,7 @@ def test_credential_flood_is_bounded_and_cached_clients_pass(auth_relay: RelayPr
     bad credentials fills the bounded queue of checks: the next new credential
     is refused at once (503 auth_busy), while a client whose header was already
     verified (Kong resends the same one) is not slowed down at all."""
-    from relay.server import MAX_PENDING_VERIFICATIONS
+    from relay.connector import MAX_PENDING_VERIFICATIONS
 
     good = basic("alice", "alice-Secret-1")
     warm = ask(auth_relay.proxy, f"{CP_HOST}:443", auth=good)

@@ -1,0 +1,293 @@
+"""A client connection until its tunnel is established (or it is refused).
+
+The protocol keeps only I/O and one explicit phase; what the bytes mean is the
+head machine's (head.py), what to do about a request is admission's, how to
+reach the destination is the connector's.
+
+Phases (one field, ``phase``; one deadline at a time, ``deadline``):
+
+- HANDSHAKE: accepted on a TLS listener; deadline limits.head_timeout;
+  then HEAD, or CLOSED when the handshake fails or never ends;
+- HEAD: reading the head; deadline limits.head_timeout (from accept); then
+  VERIFYING, DIALING, LINGERING or CLOSED;
+- VERIFYING: credentials are checked on the argon2 pool; then DIALING,
+  LINGERING or CLOSED;
+- DIALING: admitted, the connector dials; deadline limits.connect_timeout;
+  then CLOSED (the tunnel owns the transport) or LINGERING;
+- LINGERING: refused, answer and FIN sent, input dropped; deadline
+  LINGER_TIMEOUT; then CLOSED;
+- CLOSED: the transport is gone or handed on.
+
+The head deadline runs from accept, so on a TLS listener it covers the
+handshake too (the event loop calls ``connection_made`` only after it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from relay import connect, tlspeek
+from relay.head import Head, HeadReader, Refusal
+from relay.hostport import hostport
+from relay.listeners import Listener, cert_name
+from relay.tunnel import HIGH_WATER
+
+if TYPE_CHECKING:
+    from relay.server import Relay
+
+# How long a refused client's remaining input is read and dropped before close.
+LINGER_TIMEOUT = 2.0
+
+
+class Phase(enum.Enum):
+    HANDSHAKE = "handshake"
+    HEAD = "head"
+    VERIFYING = "verifying"
+    DIALING = "dialing"
+    LINGERING = "lingering"
+    CLOSED = "closed"
+
+
+def format_target(host: str, port: int) -> str:
+    """host:port for logs and messages; userinfo a client put in its target is
+    never repeated (it may be a credential)."""
+    if "@" in host:
+        host = "(userinfo withheld)@" + host.rpartition("@")[2]
+    return hostport(host, port)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection through the phases in the module docstring."""
+
+    __slots__ = (
+        "buf",
+        "cert",
+        "client_eof",
+        "client_ip",
+        "deadline",
+        "expired",
+        "identity",
+        "listener",
+        "over_limit",
+        "peer",
+        "phase",
+        "reader",
+        "relay",
+        "task",
+        "transport",
+        "user",
+    )
+
+    def __init__(self, relay: Relay, listener: Listener) -> None:
+        self.relay = relay
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.reader: HeadReader | None = None
+        self.buf: bytes | bytearray = b""  # bytes after the head, while dialling
+        self.client_ip = ""
+        self.peer = ""
+        self.cert: str | None = None
+        self.user: str | None = None
+        self.identity = ""
+        self.deadline: asyncio.TimerHandle | None = None  # the current phase's
+        self.task: asyncio.Task[None] | None = None  # credential check or dial
+        self.expired = False  # DIALING's deadline passed (not the client going away)
+        self.client_eof = False  # EOF after the head: forwarded once the tunnel is up
+        self.over_limit: tuple[str, str] | None = None
+        self.phase = Phase.HEAD
+        if listener.ssl is not None:
+            # The event loop creates this protocol when it accepts and calls
+            # connection_made only after the TLS handshake: the handshake already
+            # counts as a pending head (limits, fd budget, head_timeout).
+            self.phase = Phase.HANDSHAKE
+            self.over_limit = relay.admission_at_accept()
+            if self.over_limit is None:
+                self._wait_head()
+
+    # --- transport events -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else "unknown"
+        self.peer = format_target(self.client_ip, int(peer[1])) if peer else "unknown"
+        relay = self.relay
+        listener = self.listener
+        if listener.ssl is not None:
+            self.cert = cert_name(transport.get_extra_info("peercert"))
+            self.phase = Phase.HEAD
+        if listener.proxy_protocol and not listener.trusts(self.client_ip):
+            relay.metrics.requests_denied.labels("untrusted_proxy").inc()
+            detail = "PROXY protocol listener: source is not in trusted_proxies"
+            self.log_request("", False, 0, "untrusted_proxy", detail=detail)
+            self._end_wait()
+            self.phase = Phase.CLOSED
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.reader = HeadReader(
+            self.client_ip,
+            self.peer,
+            proxy_protocol=listener.proxy_protocol,
+            sni_port=(listener.target_port or listener.port) if listener.sni else None,
+        )
+        if listener.ssl is None:
+            self.over_limit = relay.admission_at_accept()
+            if self.over_limit is None:
+                self._wait_head()
+        if self.over_limit is not None:
+            self.refuse(503, *self.over_limit)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self.phase
+        if phase is Phase.HEAD:
+            assert self.reader is not None
+            answer = self.reader.feed(data)
+            if type(answer) is Head:
+                self._end_wait()
+                self.client_ip, self.peer = answer.client_ip, answer.peer
+                self.buf = answer.early
+                self.phase = Phase.VERIFYING  # until admission says otherwise
+                self.relay.on_head(self, answer.request)
+            elif type(answer) is Refusal:
+                self.refuse(answer.status, answer.reason, answer.detail, answer.headers)
+        elif phase is Phase.VERIFYING or phase is Phase.DIALING:
+            # Bytes after the head are kept for the tunnel. Reading goes on (so a
+            # client that resets is noticed and the dial cancelled) until the
+            # buffer holds a write buffer's worth.
+            if not self.buf:
+                self.buf = data
+            else:
+                if type(self.buf) is bytes:
+                    self.buf = bytearray(self.buf)
+                self.buf += data
+            if len(self.buf) >= HIGH_WATER:
+                self.transport.pause_reading()  # type: ignore[union-attr]
+        # LINGERING: the refused client's remaining bytes are read and dropped
+
+    def eof_received(self) -> bool:
+        if self.phase is Phase.VERIFYING or self.phase is Phase.DIALING:
+            self.client_eof = True  # a half-close to forward once the tunnel is up
+            return True
+        self._end_wait()  # gave up before a complete head: nothing to answer
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end_wait()
+        self._cancel_deadline()
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()  # the client went away while the relay was verifying or dialling
+        self.phase = Phase.CLOSED
+        self.transport = None
+
+    # --- deadlines ----------------------------------------------------------------------
+
+    def _wait_head(self) -> None:
+        relay = self.relay
+        relay.pending.add(self)
+        self.deadline = relay.loop.call_later(relay.settings.limits.head_timeout, self.head_timeout)
+
+    def _end_wait(self) -> None:
+        """Leave the head phase: no longer pending, its deadline off."""
+        if self.phase is Phase.HEAD or self.phase is Phase.HANDSHAKE:
+            self._cancel_deadline()
+        self.relay.pending.discard(self)
+
+    def _cancel_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def head_timeout(self) -> None:
+        self.deadline = None
+        limit = self.relay.settings.limits.head_timeout
+        if self.phase is Phase.HANDSHAKE:
+            # The event loop ran the handshake and never handed over a transport:
+            # it failed (no or an unknown client certificate, a client speaking
+            # plain HTTP) or is still running. The loop reports neither, and
+            # gives no client address; this is where it shows.
+            self.relay.pending.discard(self)
+            self.phase = Phase.CLOSED
+            self.relay.metrics.requests_denied.labels("tls_handshake").inc()
+            detail = f"TLS handshake failed or not complete within {limit:g} s"
+            self.log_request("", False, 0, "tls_handshake", detail=detail)
+            return
+        self.refuse(408, "head_timeout", f"request head not received within {limit:g} s")
+
+    def dialing(self, task: asyncio.Task[None], timeout: float) -> None:
+        """Enter DIALING: ``task`` dials, within ``timeout`` seconds."""
+        self.phase = Phase.DIALING
+        self.task = task
+        self.deadline = self.relay.loop.call_later(timeout, self.expire)
+
+    def expire(self) -> None:
+        """limits.connect_timeout passed while dialling: stop the dial."""
+        self.deadline = None
+        self.expired = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def handed_over(self) -> None:
+        """The tunnel owns the transport now."""
+        self._cancel_deadline()
+        self.task = None
+        self.phase = Phase.CLOSED
+
+    # --- answers --------------------------------------------------------------------
+
+    def refuse(
+        self,
+        status: int,
+        reason: str,
+        detail: str,
+        headers: Iterable[tuple[str, str]] = (),
+        target: str = "",
+        **extra: Any,
+    ) -> None:
+        """Answer with an error status and close; log and count the refusal."""
+        self._end_wait()
+        self._cancel_deadline()
+        relay = self.relay
+        relay.metrics.requests_denied.labels(reason).inc()
+        self.log_request(target, False, status, reason, detail=detail, **extra)
+        transport = self.transport
+        self.phase = Phase.CLOSED
+        if transport is None or transport.is_closing():
+            return
+        if not self.listener.sni:
+            transport.write(connect.response(status, detail, headers))
+        elif reason == "no_sni":
+            transport.write(tlspeek.ALERT_UNRECOGNIZED_NAME)
+        elif 400 < status < 500:
+            transport.write(tlspeek.ALERT_ACCESS_DENIED)
+        elif status >= 500:
+            transport.write(tlspeek.ALERT_INTERNAL_ERROR)
+        if transport.can_write_eof():
+            # Lingering close: closing with unread input would make the kernel
+            # send a reset that can destroy the answer before the client reads
+            # it. Send FIN, drop what the client still sends, close on its EOF.
+            transport.write_eof()
+            self.phase = Phase.LINGERING
+            transport.resume_reading()
+            self.deadline = relay.loop.call_later(LINGER_TIMEOUT, transport.close)
+        else:
+            transport.close()
+
+    def log_request(
+        self, target: str, allowed: bool, status: int, reason: str, **fields: Any
+    ) -> None:
+        """The one decision line per request (no header value but the target)."""
+        self.relay.log(
+            "request",
+            client=self.peer,
+            listener=self.listener.name,
+            identity=self.identity or None,
+            target=target,
+            allowed=allowed,
+            status=status,
+            reason=reason,
+            **fields,
+        )
