@@ -87,6 +87,7 @@ ALL_PROXIES = (
     "c-splice",
     "uvloop-bare",
     "relay",
+    "relay-baseline",
     "relay-w2",
     "squid",
     "tinyproxy",
@@ -100,7 +101,11 @@ LABELS = {"c-splice": "c-splice (reference)", "uvloop-bare": "uvloop-bare (refer
 # uvloop-bare is there for the rates (setup, and bulk without splice); its idle
 # memory would say little about a relay that keeps state per tunnel.
 BULK_TARGETS = frozenset(ALL_PROXIES) - {"relay-w2"}
-IDLE_TARGETS = frozenset({"relay", "squid", "tinyproxy"})
+IDLE_TARGETS = frozenset({"relay", "relay-baseline", "squid", "tinyproxy"})
+# relay-baseline: the relay's package from another checkout (--baseline DIR, e.g.
+# a `git worktree` of the commit before a change), run exactly like "relay", so a
+# change is measured against what it replaces in the same run.
+BASELINE: Path | None = None
 # Cores each target is pinned to; the load is always on LOAD_CORE.
 RELAY_WORKERS = 2
 WORKERS_CORES = "0,1"
@@ -154,7 +159,13 @@ class Server:
     """
 
     def __init__(
-        self, name: str, argv: Sequence[str], cores: str, workdir: Path, stdin_pipe: bool = False
+        self,
+        name: str,
+        argv: Sequence[str],
+        cores: str,
+        workdir: Path,
+        stdin_pipe: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.leftovers: list[Path] = []  # files to remove once stopped
@@ -167,6 +178,7 @@ class Server:
             stderr=subprocess.STDOUT,
             cwd=workdir,
             start_new_session=True,
+            env=env,
         )
 
     @property
@@ -400,6 +412,7 @@ def start_target(name: str, sink: Sink, workdir: Path) -> Target:
     pdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
     leftovers: list[Path] = []
     cores, stdin_pipe = str(PROXY_CORE), False
+    env: dict[str, str] | None = None
     if name == "squid":
         binary = require_binary("squid")
         user = "proxy" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
@@ -421,9 +434,14 @@ def start_target(name: str, sink: Sink, workdir: Path) -> Target:
         pdir.chmod(0o777)  # tinyproxy may drop to nobody before opening its log
         argv = [binary, "-d", "-c", str(pdir / "tinyproxy.conf")]
         target = Target(name, f"127.0.0.1:{port}", sink_addr)
-    elif name in ("relay", "relay-w2"):
+    elif name in ("relay", "relay-w2", "relay-baseline"):
         if not (ROOT / "relay" / "cli.py").exists() or not VENV_PYTHON.exists():
             raise BenchError("relay: relay/cli.py or .venv/bin/python missing")
+        if name == "relay-baseline":
+            if BASELINE is None or not (BASELINE / "relay" / "cli.py").exists():
+                raise BenchError("relay-baseline: give --baseline DIR, a checkout of the relay")
+            # Ahead of the installed package on the path: the baseline's code runs.
+            env = {**os.environ, "PYTHONPATH": str(BASELINE)}
         conf = pdir / "relay.yaml"
         workers = RELAY_WORKERS if name == "relay-w2" else 1
         conf.write_text(relay_conf(port, free_port(), sink.port, workers))
@@ -444,7 +462,7 @@ def start_target(name: str, sink: Sink, workdir: Path) -> Target:
         target = Target(name, f"127.0.0.1:{port}", sink_addr)
     else:
         raise BenchError(f"unknown proxy {name!r}")
-    target.server = Server(name, argv, cores, pdir, stdin_pipe)
+    target.server = Server(name, argv, cores, pdir, stdin_pipe, env)
     target.server.leftovers = leftovers
     try:
         if name == "relay-w2":
@@ -1091,6 +1109,20 @@ def ratio_lines(figs: dict[str, dict[str, Any]]) -> list[str]:
             f"uvloop-bare / squid, setup rate c=64: {bare} (what a uvloop relay that does "
             f"nothing per tunnel reaches; the relay's target is {SETUP_TARGET_VS_SQUID:.2f}x)",
         ]
+    if "relay" in figs and "relay-baseline" in figs:
+        change = (
+            ("setup rate c=64", "setup_c64", "tunnels_per_s"),
+            ("setup rate c=64 per proxy CPU-second", "setup_c64", "tunnels_per_cpu_s"),
+            ("p99 at c=1 (lower is better)", "setup_c1", "p99_ms"),
+            ("1-tunnel upload", "bulk_up_1", "bytes_per_s"),
+            ("1-tunnel download", "bulk_down_1", "bytes_per_s"),
+            ("KB per idle tunnel (lower is better)", "idle", "kb_per_tunnel"),
+        )
+        lines += [*([""] if lines else []), "Relay / relay-baseline (--baseline), same run:", ""]
+        for label, fig, key in change:
+            lines.append(
+                f"- {label}: {fmt_ratio(ratio(figs, 'relay', 'relay-baseline', fig, key))}"
+            )
     if "relay" in figs and "relay-w2" in figs:
         w2 = fmt_ratio(ratio(figs, "relay-w2", "relay", "setup_c64", "tunnels_per_s"))
         lines += [
@@ -1114,7 +1146,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=str(BENCH / "out"), help="directory for results.json/.md")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="a checkout of the relay to measure as relay-baseline (e.g. git worktree add)",
+    )
     args = p.parse_args(argv)
+    global BASELINE
+    BASELINE = Path(args.baseline).resolve() if args.baseline else None
+    if BASELINE is None and args.only == ",".join(ALL_PROXIES):
+        args.only = ",".join(p for p in ALL_PROXIES if p != "relay-baseline")
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = sorted(set(only) - set(ALL_PROXIES))
     if unknown or not only:
