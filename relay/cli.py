@@ -109,18 +109,31 @@ def split_target(text: str) -> tuple[str, int]:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
+    """The relay's own admission decision (admission.py) for one request."""
+    from relay.admission import Admission, Refuse
+
     settings = _load(args.config)
     host, port = split_target(args.target)
-    decision = settings.policy.decide(host, port)
-    via = settings.route(decision.host, port) if decision.allowed else None
-    allowed = decision.allowed and via != "deny"
+    answer = Admission(settings).decide(args.user, args.cert, args.source or "", host, port)
+    allowed = not isinstance(answer, Refuse)
     print(f"{'allow' if allowed else 'deny'} {args.target}")
-    print(f"  reason: {decision.reason.value if via != 'deny' else 'route_denied'}")
+    if isinstance(answer, Refuse):
+        print(f"  reason: {answer.reason}")
+        print(f"  rule:   {answer.fields.get('rule') or '-'}")
+        print(f"  detail: {answer.detail}")
+        if answer.reason == "route_denied":
+            print("  egress: deny")
+        return 1
+    decision = answer.decision
+    print(f"  reason: {decision.reason.value}")
     print(f"  rule:   {decision.rule or '-'}")
     print(f"  detail: {decision.detail}")
-    if via is not None:
-        print(f"  egress: {via}")
-    return 0 if allowed else 1
+    if answer.entry:
+        print(f"  client: {answer.entry}")
+    if answer.would_deny:
+        print("  mode:   report (policy_mode: report lets it through, logged as would_deny)")
+    print(f"  egress: {answer.via}")
+    return 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -211,6 +224,10 @@ def parser() -> argparse.ArgumentParser:
     pol = sub.add_parser("policy", help="show the allow/deny decision for HOST:PORT")
     pol.add_argument("target", metavar="HOST:PORT")
     pol.add_argument("--config")
+    who = pol.add_argument_group("the client asking (for clients: entries and clients_only)")
+    who.add_argument("--user", help="its proxy-auth user")
+    who.add_argument("--cert", help="its client-certificate name")
+    who.add_argument("--source", metavar="IP", help="its source address")
     pol.set_defaults(func=cmd_policy)
     pre = sub.add_parser(
         "presets", help="print the effective Konnect allowlist with each rule's product and purpose"

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TextIO, cast
 
+from relay.admission import Admission, Refuse
 from relay.config import Settings
 from relay.egress import Dialer, DialError, make_dialers
+from relay.policy import HostError, normalise_host
 from relay.resolver import KonnectPins, ResolveError, Resolver, resolver_for
 
 SECONDS = 1.0
@@ -104,6 +106,13 @@ class Check:
 
 
 # --- what to check (pure) -----------------------------------------------------
+
+
+def normalise_or_none(host: str) -> str:
+    try:
+        return normalise_host(host)
+    except HostError:
+        return ""
 
 
 def konnect_targets(settings: Settings) -> tuple[list[tuple[str, int]], str]:
@@ -383,15 +392,17 @@ class Doctor:
         return check
 
     async def _check(self, check: Check) -> None:
-        decision = self.settings.policy.decide(check.host, check.port)
-        if decision.host:
-            check.host = decision.host
-        report_only = self.settings.raw.policy_mode == "report" and bool(decision.host)
-        if not decision.allowed and not report_only:
-            raise _Failed(f"denied by policy: {decision.reason.value}", decision.detail)
-        via = self.settings.route(check.host, check.port)
-        if via == "deny":
-            raise _Failed("denied by egress.routes", f"egress.routes refuse {check.label}")
+        answer = Admission(self.settings).decide(None, None, "", check.host, check.port)
+        if isinstance(answer, Refuse):
+            name = normalise_or_none(check.host)
+            if name:
+                check.host = name
+            if answer.reason == "route_denied":
+                raise _Failed("denied by egress.routes", f"egress.routes refuse {check.label}")
+            raise _Failed(f"denied by policy: {answer.reason}", answer.detail)
+        decision = answer.decision
+        check.host = answer.host
+        via = answer.via
         dialer = self.dialers[via]
         loop = asyncio.get_running_loop()
         if via == "direct":
@@ -444,7 +455,7 @@ class Doctor:
                 ) from None
         finally:
             await self._close(probe)
-        if not decision.allowed:
+        if answer.would_deny:
             check.detail = (
                 f"policy_mode is report: the relay lets this through and logs would_deny "
                 f"({decision.reason.value})"

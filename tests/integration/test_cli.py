@@ -5,6 +5,7 @@ exit codes and what they print."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -325,3 +326,61 @@ def test_policy_names_the_route(tmp_path: Path, target: str, code: int, lines: l
     assert proc.returncode == code, proc.stdout + proc.stderr
     for line in lines:
         assert line in proc.stdout.splitlines(), proc.stdout
+
+
+def test_policy_decides_as_the_relay_does_for_a_client(tmp_path: Path) -> None:
+    """`policy` runs the relay's own admission: clients: entries, clients_only
+    and policy_mode: report count, for the client named by --user/--cert/--source."""
+    path = write_config(
+        tmp_path,
+        {
+            "konnect": {"regions": ["eu", "us"]},
+            "clients": [
+                {
+                    "name": "team-eu",
+                    "match": {"users": ["dp-eu"], "cidrs": ["10.1.0.0/16"]},
+                    "konnect": {"regions": ["eu"]},
+                }
+            ],
+            "clients_only": True,
+        },
+    )
+    us = "a1.us.cp.konghq.com:443"
+    eu = "a1.eu.cp.konghq.com:443"
+    proc = relay_cli("policy", eu, "--config", str(path))
+    assert proc.returncode == 1
+    assert policy_fields(proc.stdout)[1]["reason"] == "client_not_listed"
+    for who in (["--user", "dp-eu"], ["--source", "10.1.2.3"]):
+        proc = relay_cli("policy", eu, "--config", str(path), *who)
+        assert proc.returncode == 0, proc.stdout
+        assert policy_fields(proc.stdout)[1]["client"] == "team-eu"
+        proc = relay_cli("policy", us, "--config", str(path), *who)
+        assert proc.returncode == 1, proc.stdout
+        assert policy_fields(proc.stdout)[1]["reason"] == "not_allowlisted"
+
+    report = write_config(tmp_path, {"policy_mode": "report"}, name="report.yaml")
+    proc = relay_cli("policy", "evil.example.com:443", "--config", str(report))
+    assert proc.returncode == 0, proc.stdout
+    verdict, fields = policy_fields(proc.stdout)
+    assert verdict == "allow evil.example.com:443"
+    assert fields["reason"] == "not_allowlisted"
+    assert fields["mode"].startswith("report")
+    # a malformed host is refused in report mode too
+    proc = relay_cli("policy", "a b:443", "--config", str(report))
+    assert proc.returncode == 1
+
+
+@pytest.mark.parametrize(
+    "command", ["policy cloud.konghq.com:443", "presets", "check --config /dev/null"]
+)
+def test_output_into_a_closed_pipe_ends_quietly(command: str) -> None:
+    """Like Unix tools, a command whose reader is gone ends on SIGPIPE, quietly
+    (`true` exits without reading, long before Python has started)."""
+    proc = subprocess.run(
+        f"{sys.executable} -m relay {command} | true",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.stderr == ""
