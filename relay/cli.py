@@ -10,13 +10,18 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from relay import config
 
 
 def _load(path: str | None) -> config.Settings:
+    return _load_document(path)[0]
+
+
+def _load_document(path: str | None) -> tuple[config.Settings, dict[str, Any]]:
     try:
-        return config.load(path)
+        return config.load_document(path)
     except config.ConfigError as exc:
         where = exc.source or path or "<config>"
         print(f"{where}: {len(exc.errors)} error(s)", file=sys.stderr)
@@ -72,12 +77,13 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
-    settings = _load(args.config)
+    settings, document = _load_document(args.config)
     if getattr(args, "worker_index", None) is None:
         from relay import supervisor
+        from relay.workerconf import worker_count
 
-        if supervisor.worker_count(settings) > 1:
-            return supervisor.run(settings, args)
+        if worker_count(settings) > 1:
+            return supervisor.run(settings, document, args)
     return uvloop.run(_serve(settings, args))
 
 

@@ -76,6 +76,7 @@ __all__ = [
     "build",
     "default_text",
     "load",
+    "load_document",
     "nameserver_address",
     "parse_address",
     "parse_proxy_url",
@@ -313,14 +314,22 @@ def parse_yaml(text: str, source: str = "<config>") -> Any:
 
 def load(path: str | Path | None = None) -> Settings:
     """Load and validate ``path``, or the embedded default when it is None."""
+    return load_document(path)[0]
+
+
+def load_document(path: str | Path | None = None) -> tuple[Settings, dict[str, Any]]:
+    """Like :func:`load`, also returning the parsed YAML mapping (the
+    supervisor generates its workers' file from it, every key as written)."""
     if path is None:
-        return build(parse_yaml(default_text(), "<embedded default>"), "<embedded default>")
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{source}: cannot read: {exc}"], source) from None
-    return build(parse_yaml(text, source), source)
+        source, text = "<embedded default>", default_text()
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{source}: cannot read: {exc}"], source) from None
+    data = parse_yaml(text, source)
+    return build(data, source), data if isinstance(data, dict) else {}
 
 
 def default_text() -> str:

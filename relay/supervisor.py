@@ -36,61 +36,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    disable_created_metrics,
 )
-from prometheus_client import generate_latest as render_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from relay import config
 from relay.admin import AdminServer, Handler, Reply, text
 from relay.config import SECONDS, Settings
-from relay.egress import Dialer, make_dialers
-from relay.hostport import hostport
-from relay.konnect_ips_feed import Feed, write_atomically
 from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
 from relay.notify import notify
-from relay.resolver import resolver_for
 from relay.tasks import TaskSet
+from relay.workerconf import PortReservations, worker_count, worker_document, write_worker_file
+from relay.workers import Backoff, Worker, WorkerFeed, WorkerViews, child_setup
 
-# A one-off crash costs half a second of one worker's share of new connections.
-BACKOFF_START = 0.5 * SECONDS
-# A worker that dies at once (a broken host, an exhausted resource) is retried
-# no faster than this, so the supervisor does not spin and the log stays readable.
-BACKOFF_CAP = 30 * SECONDS
-# A worker that ran this long before crashing crashed for a new reason: its
-# next restart is quick again.
-BACKOFF_RESET = 60 * SECONDS
 # Beyond limits.drain_timeout: a worker aborts leftover tunnels at its deadline
 # and may linger up to server.CLOSE_LINGER (10 s) for them to close.
 DRAIN_GRACE = 10 * SECONDS
-# Per worker: one wedged worker must not make the whole scrape miss
-# Prometheus' default scrape_timeout (10 s).
-SCRAPE_TIMEOUT = 2 * SECONDS
-# /tunnels of a worker holding 100,000 tunnels is ~30 MiB of JSON.
-MAX_SCRAPE_BODY = 64 * 1024 * 1024
 # A worker answers SIGHUP with "reloaded" or "reload_failed"; a new SSH egress
 # connection is part of a reload and may take a few seconds.
 RELOAD_TIMEOUT = 30 * SECONDS
@@ -100,268 +74,12 @@ MAX_LOG_LINE = 1024 * 1024
 # Worker exit statuses that a drain accepts as clean: 0 after its own drain,
 # or SIGTERM's default action when it arrived before the worker set handlers.
 CLEAN_EXITS = frozenset({0, -signal.SIGTERM})
-# 0/1 state gauges: the aggregate is 1 only while every worker reports 1.
-MIN_GAUGES = frozenset({"konnect_relay_ready", "konnect_relay_egress_up"})
-# Sample types whose value only grows while a process lives.
-CUMULATIVE_TYPES = frozenset({"counter", "histogram", "summary"})
 # Worker lines held back until every worker listens (so the supervisor's own
 # "listening" line comes first); a worker that never gets there releases them.
 MAX_HELD_LINES = 1000
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-# As in metrics.py: the *_created series double the exposition and no dashboard
-# uses them (the switch is process-wide; the supervisor imports no relay metrics).
-disable_created_metrics()  # type: ignore[no-untyped-call]
-
-
-def worker_count(settings: Settings) -> int:
-    """``workers`` resolved: ``auto`` is the number of CPUs this process may use
-    (its affinity mask, which honours cpusets and taskset), at most MAX_WORKERS."""
-    value = settings.raw.workers
-    if value == "auto":
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cpus = os.cpu_count() or 1
-        return max(1, min(cpus, config.MAX_WORKERS))
-    return int(value)
-
-
-# --- restart backoff ----------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Backoff:
-    """Exponential restart delay: ``start``, doubling up to ``cap``; back to
-    ``start`` once a worker has run ``reset_after`` seconds."""
-
-    start: float = BACKOFF_START
-    cap: float = BACKOFF_CAP
-    reset_after: float = BACKOFF_RESET
-    current: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.current = self.start
-
-    def next(self, uptime: float) -> float:
-        """The delay before restarting a worker that ran ``uptime`` seconds."""
-        if uptime >= self.reset_after:
-            self.current = self.start
-        delay = self.current
-        self.current = min(self.current * 2, self.cap)
-        return delay
-
-
-# --- metrics aggregation -------------------------------------------------------
-
-SampleKey = tuple[str, tuple[tuple[str, str], ...]]
-
-
-def _combine(family: Metric) -> str:
-    if family.type == "gauge":
-        if family.name in MIN_GAUGES:
-            return "min"
-        if family.name.endswith("_info"):
-            return "max"  # constant 1 per process
-    return "sum"
-
-
-def aggregate(sources: Iterable[Iterable[Metric]], own: Iterable[Metric] = ()) -> list[Metric]:
-    """Merge metric families from several processes by (sample name, labels).
-
-    Counters, histograms and gauges are summed, except MIN_GAUGES (minimum) and
-    ``*_info`` (maximum). Families in ``own`` are the supervisor's and are taken
-    as they are; a worker family of the same name is dropped (the supervisor
-    counts config reloads once, not once per worker).
-    """
-    own = list(own)
-    owned = {f.name for f in own}
-    merged: dict[str, tuple[Metric, dict[SampleKey, float]]] = {}
-    for families in sources:
-        for family in families:
-            if family.name in owned:
-                continue
-            entry = merged.get(family.name)
-            if entry is None:
-                entry = merged[family.name] = (family, {})
-            how = _combine(entry[0])
-            values = entry[1]
-            for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                old = values.get(key)
-                if old is None:
-                    values[key] = sample.value
-                elif how == "min":
-                    values[key] = min(old, sample.value)
-                elif how == "max":
-                    values[key] = max(old, sample.value)
-                else:
-                    values[key] = old + sample.value
-    out = []
-    for first, values in merged.values():
-        family = Metric(first.name, first.documentation, first.type, first.unit)
-        for (name, labels), value in values.items():
-            family.add_sample(name, dict(labels), value)
-        out.append(family)
-    return out + own
-
-
-def cumulative(families: Iterable[Metric]) -> list[Metric]:
-    """The families whose samples only grow (what a dead worker leaves behind)."""
-    return [f for f in families if f.type in CUMULATIVE_TYPES]
-
-
-class _Snapshot(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> Iterable[Metric]:
-        return self.families
-
-
-def render(families: list[Metric]) -> bytes:
-    """Prometheus text exposition of ``families``."""
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(_Snapshot(families))
-    return render_latest(registry)
-
-
-def load_document(path: str | None) -> tuple[Settings, dict[str, Any]]:
-    """Like config.load, also returning the parsed YAML mapping the workers'
-    file is generated from (so it keeps every key exactly as written)."""
-    if path is None:
-        source, text = "<embedded default>", config.default_text()
-    else:
-        source = path
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise config.ConfigError([f"{source}: cannot read: {exc}"], source) from None
-    data = config.parse_yaml(text, source)
-    settings = config.build(data, source)
-    return settings, data if isinstance(data, dict) else {}
-
-
-def worker_document(
-    data: dict[str, Any], listen: Sequence[str], konnect_ips_file: str | None = None
-) -> dict[str, Any]:
-    """The workers' config: the operator's, with concrete listen addresses, one
-    worker each and no TCP admin listener (theirs is a Unix socket). With
-    ``konnect_ips_file`` the workers read Konnect's ingress list from that file
-    (the supervisor fetches it once for all of them) instead of fetching it."""
-    doc = copy.deepcopy(data)
-    if konnect_ips_file is not None:
-        resolver = doc.setdefault("resolver", {})
-        resolver["konnect_ips"] = {
-            **resolver.get("konnect_ips", {}),
-            "fetch": False,
-            "cache_file": konnect_ips_file,
-        }
-    entries = doc.get("listen")
-    if isinstance(entries, list):
-        for entry, address in zip(entries, listen, strict=True):
-            entry["address"] = address
-    else:
-        doc["listen"] = [{"address": address} for address in listen]
-    doc["workers"] = 1
-    doc["admin"] = {"address": None}
-    return doc
-
-
-class PortReservations:
-    """Concrete ports for ``listen:`` entries written with port 0.
-
-    The reserving socket has SO_REUSEPORT (so workers can bind beside it) and
-    never listens (so the kernel never hands it a connection).
-    """
-
-    def __init__(self) -> None:
-        self.sockets: dict[str, socket.socket] = {}
-
-    def concrete(self, settings: Settings) -> list[str]:
-        """Listen addresses with every port 0 replaced; an entry that was in the
-        previous config keeps its port, entries that are gone release theirs."""
-        out: list[str] = []
-        keep: dict[str, socket.socket] = {}
-        fresh: list[socket.socket] = []
-        seen: dict[str, int] = {}
-        try:
-            for spec, (host, port) in zip(settings.raw.listen, settings.listen, strict=True):
-                if port != 0:
-                    out.append(spec.address)
-                    continue
-                text = spec.model_dump_json()
-                seen[text] = seen.get(text, 0) + 1
-                key = f"{seen[text]}:{text}"  # identical entries each get a port
-                sock = self.sockets.get(key)
-                if sock is None:
-                    sock = self._reserve(host)
-                    fresh.append(sock)
-                keep[key] = sock
-                out.append(hostport(host, sock.getsockname()[1]))
-        except OSError:
-            for sock in fresh:
-                sock.close()
-            raise
-        for key, sock in self.sockets.items():
-            if keep.get(key) is not sock:
-                sock.close()
-        self.sockets = keep
-        return out
-
-    @staticmethod
-    def _reserve(host: str) -> socket.socket:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                # as asyncio's create_server binds it: [::] is IPv6 only
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-    def close(self) -> None:
-        for sock in self.sockets.values():
-            sock.close()
-        self.sockets = {}
 
 
 # --- workers ---------------------------------------------------------------------------
-
-
-@dataclass(slots=True, eq=False)
-class Worker:
-    """One worker slot; its process is replaced when it dies."""
-
-    index: int
-    admin_socket: str
-    proc: asyncio.subprocess.Process | None = None
-    started: float = 0.0
-    ready: bool = False
-    generation: int = 0  # config generation the process has loaded
-    spawns: int = 0  # bumped per process, so a late scrape of a dead one is dropped
-    proxy: list[str] = field(default_factory=list)
-    last_cumulative: list[Metric] = field(default_factory=list)
-    reload_waiter: asyncio.Future[bool] | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-
-def _child_setup(parent: int, prctl: Any) -> None:
-    """In the worker, between fork and exec: die with the supervisor (SIGTERM,
-    so its tunnels get drain_timeout), even if it is SIGKILLed."""
-    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the supervisor died before prctl took effect
-        os._exit(1)
 
 
 def _monotonic_usec() -> int:
@@ -397,7 +115,7 @@ class Supervisor:
         ]
         self.metrics.workers.labels("configured").set(len(self.workers))
         self.generation = 0
-        self.retired: list[Metric] = []  # cumulative samples of dead workers
+        self.views = WorkerViews(self.workers, self.metrics)
         self.held: list[str] | None = []  # worker lines until the relay as a whole listens
         self.announced = False
         self.admin = AdminServer(self.admin_routes())
@@ -409,49 +127,13 @@ class Supervisor:
         self.keepers: list[asyncio.Task[None]] = []
         self.reload_lock = asyncio.Lock()
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl
-        # resolver.konnect_ips: fetched here, once for every worker, through
-        # the supervisor's own dialers; each accepted document goes to the
-        # workers through this file and a SIGUSR1.
-        self.konnect_ips_file = os.path.join(self.rundir, "konnect-ips.json")
-        self.dialers: dict[str, Dialer] = {}
-        self.feed = Feed(
+        self.konnect_ips = WorkerFeed(
             settings,
-            self.dialer_for,
+            self.workers,
+            os.path.join(self.rundir, "konnect-ips.json"),
             self.log,
-            self.metrics.konnect_ips,
-            on_pins=lambda pins: None,
-            on_document=self.hand_konnect_ips,
+            self.metrics,
         )
-
-    def dialer_for(self, host: str, port: int) -> Dialer | None:
-        via = self.settings.route(host, port)
-        return None if via == "deny" else self.dialers.get(via)
-
-    async def start_dialers(self, settings: Settings) -> None:
-        """The egresses the feed fetches through (only while it fetches)."""
-        for dialer in self.dialers.values():
-            await dialer.close()
-        self.dialers = {}
-        if settings.konnect_ips.enabled and settings.konnect_ips.fetch:
-            self.dialers = make_dialers(settings, resolver_for(settings))
-            for dialer in self.dialers.values():
-                await dialer.start()
-
-    def hand_konnect_ips(self, data: bytes, fetched_at: float) -> None:
-        """Pass an accepted document to the workers (file, then SIGUSR1)."""
-        try:
-            write_atomically(self.konnect_ips_file, data, fetched_at)
-        except OSError as exc:
-            self.log("konnect_ips_cache_failed", cache_file=self.konnect_ips_file, error=str(exc))
-            return
-        for worker in self.workers:
-            self.tell_konnect_ips(worker)
-
-    def tell_konnect_ips(self, worker: Worker) -> None:
-        # Only a worker that listens has its SIGUSR1 handler (the signal's
-        # default action would end it); one that starts later reads the file.
-        if worker.ready and worker.alive and worker.proc is not None:
-            worker.proc.send_signal(signal.SIGUSR1)
 
     # --- output ------------------------------------------------------------------
 
@@ -500,8 +182,7 @@ class Supervisor:
             proxy = record.get("proxy")
             worker.proxy = [str(a) for a in proxy] if isinstance(proxy, list) else []
             self.count_workers()
-            if self.feed.document:
-                self.tell_konnect_ips(worker)  # in case it read the file before it was written
+            self.konnect_ips.joined(worker)
             if worker.generation < self.generation and worker.proc is not None:
                 # started before the latest reload rewrote its config
                 worker.generation = self.generation
@@ -540,14 +221,9 @@ class Supervisor:
         never reads half of it."""
         listen = self.ports.concrete(settings)
         doc = worker_document(
-            document, listen, self.konnect_ips_file if settings.konnect_ips.enabled else None
+            document, listen, self.konnect_ips.path if settings.konnect_ips.enabled else None
         )
-        tmp = self.worker_config + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(f"# generated by the konnect-relay supervisor from {settings.source}\n")
-            yaml.safe_dump(doc, out, sort_keys=False)
-        os.replace(tmp, self.worker_config)
+        write_worker_file(self.worker_config, doc, settings.source)
 
     def worker_argv(self, worker: Worker) -> list[str]:
         return [
@@ -576,7 +252,7 @@ class Supervisor:
             stdout=asyncio.subprocess.PIPE,
             env=env,
             limit=MAX_LOG_LINE,
-            preexec_fn=lambda: _child_setup(parent, prctl),
+            preexec_fn=lambda: child_setup(parent, prctl),
         )
         worker.started = self.loop.time()
         self.count_workers()
@@ -601,8 +277,7 @@ class Supervisor:
         proc = worker.proc
         worker.ready = False
         worker.spawns += 1
-        self.retired = aggregate([self.retired, worker.last_cumulative])
-        worker.last_cumulative = []
+        self.views.retire(worker)
         if worker.reload_waiter is not None and not worker.reload_waiter.done():
             worker.reload_waiter.set_result(False)
         self.count_workers()
@@ -654,64 +329,9 @@ class Supervisor:
 
     # --- admin -----------------------------------------------------------------------------
 
-    async def query(self, worker: Worker, path: str) -> bytes | None:
-        """GET ``path`` from a worker's admin socket; None when it does not answer."""
-        if not worker.alive:
-            return None
-        try:
-            async with asyncio.timeout(SCRAPE_TIMEOUT):
-                reader, writer = await asyncio.open_unix_connection(worker.admin_socket)
-                try:
-                    writer.write(f"GET {path} HTTP/1.1\r\nHost: worker\r\n\r\n".encode())
-                    data = bytearray()
-                    while chunk := await reader.read(256 * 1024):
-                        data += chunk
-                        if len(data) > MAX_SCRAPE_BODY:
-                            raise ValueError("worker answer too large")
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError, ValueError):
-            self.metrics.scrape_errors.inc()
-            return None
-        head, sep, body = bytes(data).partition(b"\r\n\r\n")
-        if not sep or not head.startswith(b"HTTP/1.1 200 "):
-            self.metrics.scrape_errors.inc()
-            return None
-        return body
-
-    async def scrape(self) -> bytes:
-        bodies = await asyncio.gather(*(self.scrape_one(w) for w in self.workers))
-        own = list(self.metrics.registry.collect())
-        return render(aggregate([self.retired, *bodies], own))
-
-    async def scrape_one(self, worker: Worker) -> list[Metric]:
-        spawns = worker.spawns
-        body = await self.query(worker, "/metrics")
-        if body is None:
-            return []
-        try:
-            families = list(text_string_to_metric_families(body.decode()))
-        except (ValueError, UnicodeDecodeError):
-            self.metrics.scrape_errors.inc()
-            return []
-        if worker.spawns == spawns:  # the same process is still there
-            worker.last_cumulative = cumulative(families)
-        return families
-
-    async def tunnels(self) -> bytes:
-        bodies = await asyncio.gather(*(self.query(w, "/tunnels") for w in self.workers))
-        out: list[Any] = []
-        for worker, body in zip(self.workers, bodies, strict=True):
-            try:
-                entries = json.loads(body) if body is not None else []
-            except ValueError:
-                entries = []
-            out.extend({**entry, "worker": worker.index} for entry in entries)
-        return json.dumps(out, indent=1).encode()
-
     def admin_routes(self) -> dict[str, Handler]:
         async def metrics() -> Reply:
-            return Reply(200, await self.scrape(), CONTENT_TYPE_LATEST)
+            return Reply(200, await self.views.scrape(), CONTENT_TYPE_LATEST)
 
         async def healthz() -> Reply:
             if not any(w.alive for w in self.workers):
@@ -726,7 +346,7 @@ class Supervisor:
             return text(200, "ready\n")
 
         async def tunnels() -> Reply:
-            return Reply(200, await self.tunnels(), "application/json")
+            return Reply(200, await self.views.tunnels(), "application/json")
 
         return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz, "/tunnels": tunnels}
 
@@ -751,7 +371,7 @@ class Supervisor:
 
     async def _reload(self) -> bool:
         try:
-            settings, document = load_document(self.config_path)
+            settings, document = config.load_document(self.config_path)
         except config.ConfigError as exc:
             self.log("reload_failed", config=exc.source, errors=exc.errors)
             return False
@@ -775,8 +395,7 @@ class Supervisor:
             self.log("reload_failed", config=settings.source, errors=[f"listen: {exc}"])
             return False
         self.settings, self.document = settings, document
-        await self.start_dialers(settings)
-        await self.feed.reconfigure(settings)
+        await self.konnect_ips.reconfigure(settings)
         self.generation += 1
         waiters: dict[int, asyncio.Future[bool]] = {}
         for worker in self.workers:
@@ -815,8 +434,7 @@ class Supervisor:
             except OSError as exc:
                 print(f"cannot listen: {exc}", file=sys.stderr)
                 return 1
-            await self.start_dialers(self.settings)
-            await self.feed.start()
+            await self.konnect_ips.start()
             self.keepers = [self.tasks.spawn(self.keep(w)) for w in self.workers]
             await self.stop.wait()
             clean = await self.drain()
@@ -852,9 +470,7 @@ class Supervisor:
         return not late and all(s in CLEAN_EXITS for s in statuses)
 
     async def close(self) -> None:
-        await self.feed.close()
-        for dialer in self.dialers.values():
-            await dialer.close()
+        await self.konnect_ips.close()
         for task in self.keepers:
             task.cancel()
         if self.keepers:
@@ -870,24 +486,13 @@ class Supervisor:
         self.log.flush()
 
 
-async def _main(args: argparse.Namespace) -> int:
-    # The file is read again for the mapping the workers' file is made from.
-    try:
-        settings, document = load_document(args.config)
-    except config.ConfigError as exc:
-        print(f"{exc.source}: {len(exc.errors)} error(s)", file=sys.stderr)
-        for line in exc.errors:
-            print(f"  {line}", file=sys.stderr)
-        return 1
-    supervisor = Supervisor(settings, document, args.config, args.pid_file)
-    return await supervisor.run()
-
-
-def run(settings: Settings, args: argparse.Namespace) -> int:
+def run(settings: Settings, document: dict[str, Any], args: argparse.Namespace) -> int:
     """``konnect-relay run`` with ``workers`` > 1: supervise the worker processes.
-
-    ``settings`` only decided that; the file is read again (and validated
-    again) for the YAML mapping the workers' file is generated from."""
+    ``document`` is the parsed file ``settings`` were built from (the workers'
+    file is generated from it, every key as written)."""
     import uvloop
 
-    return uvloop.run(_main(args))
+    async def main() -> int:
+        return await Supervisor(settings, document, args.config, args.pid_file).run()
+
+    return uvloop.run(main())

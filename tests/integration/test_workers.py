@@ -28,14 +28,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import config
-from relay.supervisor import (
-    BACKOFF_CAP,
-    Backoff,
-    aggregate,
-    render,
-    worker_count,
-    worker_document,
-)
+from relay.aggregate import aggregate, render
+from relay.workerconf import worker_count, worker_document
+from relay.workers import BACKOFF_CAP, Backoff
 from tests.conftest import (
     RAW_HOST,
     WAIT,

@@ -1,0 +1,235 @@
+"""A worker slot of the supervisor, its restart backoff, and the views of the
+workers' admin endpoints that the supervisor's own admin endpoint serves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from relay.aggregate import aggregate, cumulative, render
+from relay.config import SECONDS, Settings
+from relay.egress import Dialer, make_dialers
+from relay.konnect_ips_feed import Feed, write_atomically
+from relay.metrics import SupervisorMetrics
+from relay.resolver import resolver_for
+
+# A one-off crash costs half a second of one worker's share of new connections.
+BACKOFF_START = 0.5 * SECONDS
+# A worker that dies at once (a broken host, an exhausted resource) is retried
+# no faster than this, so the supervisor does not spin and the log stays readable.
+BACKOFF_CAP = 30 * SECONDS
+# A worker that ran this long before crashing crashed for a new reason: its
+# next restart is quick again.
+BACKOFF_RESET = 60 * SECONDS
+# Per worker: one wedged worker must not make the whole scrape miss
+# Prometheus' default scrape_timeout (10 s).
+SCRAPE_TIMEOUT = 2 * SECONDS
+# /tunnels of a worker holding 100,000 tunnels is ~30 MiB of JSON.
+MAX_SCRAPE_BODY = 64 * 1024 * 1024
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Exponential restart delay: ``start``, doubling up to ``cap``; back to
+    ``start`` once a worker has run ``reset_after`` seconds."""
+
+    start: float = BACKOFF_START
+    cap: float = BACKOFF_CAP
+    reset_after: float = BACKOFF_RESET
+    current: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.current = self.start
+
+    def next(self, uptime: float) -> float:
+        """The delay before restarting a worker that ran ``uptime`` seconds."""
+        if uptime >= self.reset_after:
+            self.current = self.start
+        delay = self.current
+        self.current = min(self.current * 2, self.cap)
+        return delay
+
+
+@dataclass(slots=True, eq=False)
+class Worker:
+    """One worker slot; its process is replaced when it dies."""
+
+    index: int
+    admin_socket: str
+    proc: asyncio.subprocess.Process | None = None
+    started: float = 0.0
+    ready: bool = False
+    generation: int = 0  # config generation the process has loaded
+    spawns: int = 0  # bumped per process, so a late scrape of a dead one is dropped
+    proxy: list[str] = field(default_factory=list)
+    last_cumulative: list[Metric] = field(default_factory=list)
+    reload_waiter: asyncio.Future[bool] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+
+def child_setup(parent: int, prctl: Any) -> None:
+    """In the worker, between fork and exec: die with the supervisor (SIGTERM,
+    so its tunnels get drain_timeout), even if it is SIGKILLed."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+class WorkerViews:
+    """The workers' admin endpoints, queried and merged: /metrics summed (with
+    what dead workers last reported, so totals never go backwards), /tunnels
+    concatenated with a ``worker`` field."""
+
+    def __init__(self, workers: Sequence[Worker], metrics: SupervisorMetrics) -> None:
+        self.workers = workers
+        self.metrics = metrics
+        self.retired: list[Metric] = []  # cumulative samples of dead workers
+
+    def retire(self, worker: Worker) -> None:
+        """A worker's process ended: keep its last cumulative samples."""
+        self.retired = aggregate([self.retired, worker.last_cumulative])
+        worker.last_cumulative = []
+
+    async def query(self, worker: Worker, path: str) -> bytes | None:
+        """GET ``path`` from a worker's admin socket; None when it does not answer."""
+        if not worker.alive:
+            return None
+        try:
+            async with asyncio.timeout(SCRAPE_TIMEOUT):
+                reader, writer = await asyncio.open_unix_connection(worker.admin_socket)
+                try:
+                    writer.write(f"GET {path} HTTP/1.1\r\nHost: worker\r\n\r\n".encode())
+                    data = bytearray()
+                    while chunk := await reader.read(256 * 1024):
+                        data += chunk
+                        if len(data) > MAX_SCRAPE_BODY:
+                            raise ValueError("worker answer too large")
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, ValueError):
+            self.metrics.scrape_errors.inc()
+            return None
+        head, sep, body = bytes(data).partition(b"\r\n\r\n")
+        if not sep or not head.startswith(b"HTTP/1.1 200 "):
+            self.metrics.scrape_errors.inc()
+            return None
+        return body
+
+    async def scrape(self) -> bytes:
+        bodies = await asyncio.gather(*(self.scrape_one(w) for w in self.workers))
+        own = list(self.metrics.registry.collect())
+        return render(aggregate([self.retired, *bodies], own))
+
+    async def scrape_one(self, worker: Worker) -> list[Metric]:
+        spawns = worker.spawns
+        body = await self.query(worker, "/metrics")
+        if body is None:
+            return []
+        try:
+            families = list(text_string_to_metric_families(body.decode()))
+        except (ValueError, UnicodeDecodeError):
+            self.metrics.scrape_errors.inc()
+            return []
+        if worker.spawns == spawns:  # the same process is still there
+            worker.last_cumulative = cumulative(families)
+        return families
+
+    async def tunnels(self) -> bytes:
+        bodies = await asyncio.gather(*(self.query(w, "/tunnels") for w in self.workers))
+        out: list[Any] = []
+        for worker, body in zip(self.workers, bodies, strict=True):
+            try:
+                entries = json.loads(body) if body is not None else []
+            except ValueError:
+                entries = []
+            out.extend({**entry, "worker": worker.index} for entry in entries)
+        return json.dumps(out, indent=1).encode()
+
+
+class WorkerFeed:
+    """resolver.konnect_ips for the workers: fetched once, here, through the
+    supervisor's own dialers (only while the feed fetches); every accepted
+    document goes to the workers through ``path`` and a SIGUSR1."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        workers: Sequence[Worker],
+        path: str,
+        log: Callable[..., None],
+        metrics: SupervisorMetrics,
+    ) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.path = path
+        self.log = log
+        self.dialers: dict[str, Dialer] = {}
+        self.feed = Feed(
+            settings,
+            self.dialer_for,
+            log,
+            metrics.konnect_ips,
+            on_pins=lambda pins: None,
+            on_document=self.hand_over,
+        )
+
+    def dialer_for(self, host: str, port: int) -> Dialer | None:
+        via = self.settings.route(host, port)
+        return None if via == "deny" else self.dialers.get(via)
+
+    async def _dialers(self, settings: Settings) -> None:
+        for dialer in self.dialers.values():
+            await dialer.close()
+        self.dialers = {}
+        if settings.konnect_ips.enabled and settings.konnect_ips.fetch:
+            self.dialers = make_dialers(settings, resolver_for(settings))
+            for dialer in self.dialers.values():
+                await dialer.start()
+
+    async def start(self) -> None:
+        await self._dialers(self.settings)
+        await self.feed.start()
+
+    async def reconfigure(self, settings: Settings) -> None:
+        self.settings = settings
+        await self._dialers(settings)
+        await self.feed.reconfigure(settings)
+
+    async def close(self) -> None:
+        await self.feed.close()
+        for dialer in self.dialers.values():
+            await dialer.close()
+
+    def hand_over(self, data: bytes, fetched_at: float) -> None:
+        """Pass an accepted document to the workers (file, then SIGUSR1)."""
+        try:
+            write_atomically(self.path, data, fetched_at)
+        except OSError as exc:
+            self.log("konnect_ips_cache_failed", cache_file=self.path, error=str(exc))
+            return
+        for worker in self.workers:
+            self.tell(worker)
+
+    def joined(self, worker: Worker) -> None:
+        """A worker now listens: it may have read the file before it was written."""
+        if self.feed.document:
+            self.tell(worker)
+
+    @staticmethod
+    def tell(worker: Worker) -> None:
+        # Only a worker that listens has its SIGUSR1 handler (the signal's
+        # default action would end it); one that starts later reads the file.
+        if worker.ready and worker.alive and worker.proc is not None:
+            worker.proc.send_signal(signal.SIGUSR1)
