@@ -158,3 +158,14 @@ class Admission:
             )
         konnect = pol.konnect_rule(name) is not None
         return Dial(decision, name, port, via, identity, entry, konnect, would_deny)
+
+    def revokes(self, who: tuple[str | None, str | None, str], host: str, port: int) -> bool:
+        """Does this config revoke a live tunnel of client ``who`` (user, cert,
+        address) to ``host:port`` (``reload.close_revoked``)?"""
+        settings = self.settings
+        if not settings.close_revoked:
+            return False
+        _, pol = settings.policy_for(*who)
+        if pol is None:
+            return True
+        return settings.policy_mode == "enforce" and not pol.decide(host, port).allowed

@@ -170,6 +170,17 @@ class TunnelBook:
             for key in stale:
                 del self.last_closed[key]
 
+    def close_where(
+        self, revokes: Callable[[tuple[str | None, str | None, str], str, int], bool], reason: str
+    ) -> int:
+        """Close (abort) the tunnels ``revokes(who, host, port)`` names; how many."""
+        closed = 0
+        for tunnel in list(self.tunnels.values()):
+            if revokes(tunnel.who, tunnel.host, tunnel.port):
+                tunnel.close(reason, abort=True)
+                closed += 1
+        return closed
+
     def close_all(self, reason: str) -> None:
         for tunnel in list(self.tunnels.values()):
             tunnel.close(reason, abort=True)

@@ -150,7 +150,7 @@ class ClientConnection(asyncio.Protocol):
                 self.client_ip, self.peer = answer.client_ip, answer.peer
                 self.buf = answer.early
                 self.phase = Phase.VERIFYING  # until admission says otherwise
-                self.relay.on_head(self, answer.request)
+                self.relay.connector.on_head(self, answer.request)
             elif type(answer) is Refusal:
                 self.refuse(answer.status, answer.reason, answer.detail, answer.headers)
         elif phase is Phase.VERIFYING or phase is Phase.DIALING:

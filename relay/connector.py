@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, cast
 
 from relay import connect
-from relay.admission import Admission, Dial
+from relay.admission import Admission, Dial, Refuse, Verify
 from relay.auth import AuthError
 from relay.connection import ClientConnection, format_target
 from relay.egress import Dialer, DialError
@@ -44,6 +44,48 @@ class Connector:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- a request: credentials, then admission -------------------------------------
+
+    def on_head(self, conn: ClientConnection, request: connect.ConnectRequest) -> None:
+        relay = self.relay
+        if conn.listener.sni:  # an SNI client sends no credentials
+            self.admit(conn, request)
+            return
+        target = format_target(request.host, request.port)
+        answer = relay.admission.credentials(request.proxy_authorization, target)
+        if type(answer) is Refuse:
+            conn.refuse(answer.status, answer.reason, answer.detail, answer.headers, target)
+        elif type(answer) is Verify:
+            self.verify(conn, request, relay.admission)
+        else:
+            conn.user = answer  # type: ignore[assignment]
+            self.admit(conn, request)
+
+    def admit(self, conn: ClientConnection, request: connect.ConnectRequest) -> None:
+        """Act on admission's decision: refuse, or dial."""
+        relay = self.relay
+        conn.identity = conn.user or conn.cert or conn.client_ip
+        answer = relay.admission.decide(
+            conn.user,
+            conn.cert,
+            conn.client_ip,
+            request.host,
+            request.port,
+            draining=relay.draining,
+            busy=self.dialing + len(relay.book.tunnels),
+            per_client=relay.book.per_client,
+        )
+        if type(answer) is Refuse:
+            target = format_target(request.host, request.port)
+            conn.refuse(
+                answer.status, answer.reason, answer.detail, answer.headers, target, **answer.fields
+            )
+            return
+        assert type(answer) is Dial
+        if answer.would_deny:
+            relay.metrics.would_deny.labels(answer.decision.reason.value).inc()
+        self.dial(conn, answer, relay.dialers[answer.via], relay.settings.limits.connect_timeout)
 
     # --- credentials ----------------------------------------------------------------
 
@@ -77,7 +119,7 @@ class Connector:
             self.verifying -= 1
         conn.task = None
         if conn.transport is not None:
-            self.relay.admit(conn, request)
+            self.admit(conn, request)
 
     # --- the dial -------------------------------------------------------------------
 
@@ -129,7 +171,7 @@ class Connector:
                 extra["would_deny_reason"] = "address_not_pinned"
                 extra["would_deny_detail"] = dialled.would_deny
             who = (conn.user, conn.cert, conn.client_ip)
-            if relay.settings is not settings and relay.revoked(who, host, port):
+            if relay.settings is not settings and relay.admission.revokes(who, host, port):
                 dialled.transport.abort()  # a reload during the dial denies it now
                 conn.refuse(
                     403,

@@ -19,17 +19,17 @@ channel), so the doctor drives TLS itself over whatever transport it got.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TextIO, cast
+from typing import TextIO
 
 from relay.admission import Admission, Refuse
 from relay.config import Settings
+from relay.doctor_tls import Failed, Probe, tls_handshake
 from relay.egress import Dialer, DialError, make_dialers
 from relay.policy import HostError, normalise_host
 from relay.resolver import KonnectPins, ResolveError, Resolver, resolver_for
@@ -44,15 +44,8 @@ DEFAULT_TIMEOUT = 5 * SECONDS
 MAX_CONCURRENT = 8
 # A peer that does not close after our close_notify is not worth waiting for.
 CLOSE_WAIT = 1 * SECONDS
-# Enough of a non-TLS answer to recognise it ("HTTP/1.1 400 Bad Request").
-MAX_SHOWN_BYTES = 24
 KONNECT_PORT = 443  # the only port Konnect needs (Konnect networking docs)
 
-# RFC 8446 §5.1: ContentType handshake(22) and alert(21) start every record a
-# TLS server sends in answer to a ClientHello.
-_TLS_RECORD_TYPES = (21, 22)
-# OpenSSL X509_V_ERR_HOSTNAME_MISMATCH: the chain is fine, the name is not in it.
-_HOSTNAME_MISMATCH = 62
 
 _DIAL_VERDICTS = {
     "refused": "connection refused",
@@ -75,15 +68,6 @@ COLUMNS = ("HOST", "ADDRESSES", "CONNECT", "TLS", "CERT EXPIRES", "VERDICT")
 
 class UsageError(Exception):
     """A command-line argument the doctor cannot use."""
-
-
-class _Failed(Exception):
-    """One step failed: ``verdict`` goes in the table, ``detail`` below it."""
-
-    def __init__(self, verdict: str, detail: str = "") -> None:
-        super().__init__(verdict)
-        self.verdict = verdict
-        self.detail = detail
 
 
 @dataclass(slots=True)
@@ -228,141 +212,6 @@ class Progress:
             pass  # progress is a courtesy; a closed stderr must not fail the checks
 
 
-# --- the TLS handshake over any transport -------------------------------------
-
-
-class _Probe(asyncio.Protocol):
-    """Collects what the server sends into the TLS engine's input BIO."""
-
-    __slots__ = ("_wakeup", "closed", "eof", "first", "incoming", "loop", "transport")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.incoming = ssl.MemoryBIO()
-        self.first = b""
-        self.eof = False
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = loop.create_future()
-        self._wakeup: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not registered as asyncio.Transport subclasses,
-        # so this is a cast, not an isinstance check.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        if len(self.first) < MAX_SHOWN_BYTES:
-            self.first += data[: MAX_SHOWN_BYTES - len(self.first)]
-        self.incoming.write(data)
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
-        self._wake()
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    async def wait(self) -> None:
-        """Until more bytes or the end of the stream arrive."""
-        if self.eof:
-            return
-        self._wakeup = self.loop.create_future()
-        try:
-            await self._wakeup
-        finally:
-            self._wakeup = None
-
-
-def _flush(outgoing: ssl.MemoryBIO, transport: asyncio.WriteTransport) -> None:
-    data = outgoing.read()
-    if data and not transport.is_closing():
-        transport.write(data)
-
-
-def _not_tls(probe: _Probe) -> _Failed | None:
-    if probe.first and probe.first[0] not in _TLS_RECORD_TYPES:
-        return _Failed(
-            "not TLS",
-            f"the server answered the ClientHello with {probe.first!r}: not a TLS "
-            "server (an HTTP port, or a proxy that expects a request)",
-        )
-    return None
-
-
-def _tls_failure(exc: ssl.SSLError, probe: _Probe, verified_against: str) -> _Failed:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        message = str(exc.verify_message)
-        if exc.verify_code == _HOSTNAME_MISMATCH:
-            return _Failed("hostname mismatch", message)
-        return _Failed(
-            f"certificate verify failed: {message}",
-            f"verified against {verified_against}; a TLS-inspecting middlebox presents "
-            "its own CA's certificates (pass that CA with --cafile to confirm)",
-        )
-    failure = _not_tls(probe)
-    if failure is not None:
-        return failure
-    reason = (exc.reason or str(exc)).lower().replace("_", " ")
-    detail = ""
-    if "alert" in reason:
-        detail = (
-            "the server refused the handshake; over TLS 1.2 a server that demands a "
-            "client certificate answers this way (doctor sends none)"
-        )
-    return _Failed(f"TLS handshake failed: {reason}", detail)
-
-
-async def tls_handshake(
-    transport: asyncio.WriteTransport,
-    probe: _Probe,
-    context: ssl.SSLContext,
-    host: str,
-    verified_against: str,
-) -> tuple[str, datetime]:
-    """Verify ``host``'s certificate over ``transport``; (TLS version, notAfter).
-    Ends with ``close_notify``; raise _Failed with the cause."""
-    outgoing = ssl.MemoryBIO()
-    tls = context.wrap_bio(probe.incoming, outgoing, server_hostname=host)
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLError as exc:
-            _flush(outgoing, transport)  # the alert tells the server why
-            raise _tls_failure(exc, probe, verified_against) from None
-        _flush(outgoing, transport)
-        if probe.eof and not probe.incoming.pending:
-            raise _not_tls(probe) or _Failed(
-                "connection closed during TLS handshake",
-                "closed without a TLS answer: a firewall or proxy that filters by SNI?"
-                if not probe.first
-                else "",
-            )
-        await probe.wait()
-    _flush(outgoing, transport)  # our Finished (TLS 1.3: the handshake ends with it)
-    version = tls.version() or "?"
-    cert = tls.getpeercert()
-    if not cert or "notAfter" not in cert:
-        raise _Failed("TLS handshake failed: no server certificate")
-    not_after = datetime.fromtimestamp(ssl.cert_time_to_seconds(str(cert["notAfter"])), UTC)
-    # unwrap() writes our close_notify, then wants the peer's: not awaited.
-    with contextlib.suppress(ssl.SSLError):
-        tls.unwrap()
-    _flush(outgoing, transport)
-    return version, not_after
-
-
 # --- one check ----------------------------------------------------------------
 
 
@@ -385,7 +234,7 @@ class Doctor:
         check = Check(host, port)
         try:
             await self._check(check)
-        except _Failed as exc:
+        except Failed as exc:
             check.verdict, check.detail = exc.verdict, exc.detail
         else:
             check.ok, check.verdict = True, "ok"
@@ -398,8 +247,8 @@ class Doctor:
             if name:
                 check.host = name
             if answer.reason == "route_denied":
-                raise _Failed("denied by egress.routes", f"egress.routes refuse {check.label}")
-            raise _Failed(f"denied by policy: {answer.reason}", answer.detail)
+                raise Failed("denied by egress.routes", f"egress.routes refuse {check.label}")
+            raise Failed(f"denied by policy: {answer.reason}", answer.detail)
         decision = answer.decision
         check.host = answer.host
         via = answer.via
@@ -410,21 +259,21 @@ class Doctor:
                 async with asyncio.timeout(self.timeout):
                     endpoints = await self.resolver.resolve(check.host, check.port)
             except TimeoutError:
-                raise _Failed("DNS timeout", f"no answer within {self.timeout:g} s") from None
+                raise Failed("DNS timeout", f"no answer within {self.timeout:g} s") from None
             except ResolveError as exc:
                 verdict = _RESOLVE_VERDICTS.get(exc.reason, exc.reason)
                 detail = exc.detail
                 if exc.reason == "dns_failure" and ": " in detail:
                     # the cause fits in the table; the detail would only repeat it
                     verdict, detail = f"{verdict}: {detail.rpartition(': ')[2]}", ""
-                raise _Failed(verdict, detail) from None
+                raise Failed(verdict, detail) from None
             check.addresses = [str(e) + (OUTSIDE_MARK if e.would_deny else "") for e in endpoints]
             if self.pin_mode == "enforce" and all(e.would_deny for e in endpoints):
-                raise _Failed(
+                raise Failed(
                     "address outside konnect_ips",
                     endpoints[0].would_deny + "; the relay refuses it (address_not_pinned)",
                 )
-        probe = _Probe(loop)
+        probe = Probe(loop)
         # not loop.time(): uvloop's clock is libuv's, in whole milliseconds
         started = time.perf_counter()
         try:
@@ -432,12 +281,12 @@ class Doctor:
                 async with asyncio.timeout(self.connect_timeout):
                     dialled = await dialer.dial(check.host, check.port, probe)
             except TimeoutError:
-                raise _Failed(
+                raise Failed(
                     "timeout", f"no connection within {self.connect_timeout:g} s"
                 ) from None
             except DialError as exc:
                 verdict = _DIAL_VERDICTS.get(exc.reason, f"connect failed: {exc.reason}")
-                raise _Failed(verdict, exc.detail) from None
+                raise Failed(verdict, exc.detail) from None
             check.connect_ms = (time.perf_counter() - started) * 1000
             if via != "direct":
                 check.addresses = [f"via {via} {dialled.peer}"]
@@ -450,7 +299,7 @@ class Doctor:
                         dialled.transport, probe, self.context, check.host, self.verified_against
                     )
             except TimeoutError:
-                raise _Failed(
+                raise Failed(
                     "timeout", f"no TLS handshake within {self.timeout:g} s after connecting"
                 ) from None
         finally:
@@ -461,7 +310,7 @@ class Doctor:
                 f"({decision.reason.value})"
             )
 
-    async def _close(self, probe: _Probe) -> None:
+    async def _close(self, probe: Probe) -> None:
         transport = probe.transport
         if transport is None:
             return

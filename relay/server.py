@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
-from typing import Any
 
-from relay import config, connect, splice
-from relay.admin import AdminServer, Reply, json_reply, text
-from relay.admission import Admission, Dial, Refuse, Verify
+from relay import config, splice
+from relay.admin import AdminServer, Handler, Reply, json_reply, text
+from relay.admission import Admission
 from relay.book import CLOSE_LINGER, TunnelBook
 from relay.config import Settings
-from relay.connection import ClientConnection, format_target
+from relay.connection import ClientConnection
 from relay.connector import Connector
 from relay.egress import Dialer, make_dialers
 from relay.konnect_ips_feed import Feed, unpinned_egresses
@@ -74,7 +73,7 @@ class Relay:
             reuse_port=reuse_port,
             handshake_timeout=lambda: self.settings.limits.head_timeout,
         )
-        self.admin = AdminServer(self.admin_routes())
+        self.admin = AdminServer(admin_routes(self))
         self.admin_path = admin_path
         self.admin_address = ""
         self.draining = False
@@ -184,29 +183,11 @@ class Relay:
             await dialer.close()
         await self.feed.reconfigure(new)
         self._note_unpinned()
-        revoked = self._close_revoked()
+        revoked = self.book.close_where(self.admission.revokes, "policy_revoked")
         extra = {}
         if new.admin != old.admin:
             extra["admin_unchanged"] = "admin.address changes on restart, not on reload"
         self.log("reloaded", config=new.source, tunnels=len(self.book), revoked=revoked, **extra)
-
-    def revoked(self, who: tuple[str | None, str | None, str], host: str, port: int) -> bool:
-        """Does the current config revoke this client's tunnel to host:port?"""
-        settings = self.settings
-        if not settings.close_revoked:
-            return False
-        _, pol = settings.policy_for(*who)
-        if pol is None:
-            return True
-        return settings.policy_mode == "enforce" and not pol.decide(host, port).allowed
-
-    def _close_revoked(self) -> int:
-        revoked = 0
-        for tunnel in list(self.book.tunnels.values()):
-            if self.revoked(tunnel.who, tunnel.host, tunnel.port):
-                tunnel.close("policy_revoked", abort=True)
-                revoked += 1
-        return revoked
 
     async def drain(self) -> None:
         """Stop accepting; let dials and live tunnels run until one deadline,
@@ -263,82 +244,6 @@ class Relay:
             pending, pending + 2 * busy + splice.pipe_fds(), self.fd_limit
         )
 
-    def on_head(self, conn: ClientConnection, request: connect.ConnectRequest) -> None:
-        if conn.listener.sni:  # an SNI client sends no credentials
-            self.admit(conn, request)
-            return
-        target = format_target(request.host, request.port)
-        answer = self.admission.credentials(request.proxy_authorization, target)
-        if type(answer) is Refuse:
-            conn.refuse(answer.status, answer.reason, answer.detail, answer.headers, target)
-        elif type(answer) is Verify:
-            self.connector.verify(conn, request, self.admission)
-        else:
-            conn.user = answer  # type: ignore[assignment]
-            self.admit(conn, request)
-
-    def admit(self, conn: ClientConnection, request: connect.ConnectRequest) -> None:
-        """Act on admission's decision: refuse, or dial."""
-        conn.identity = conn.user or conn.cert or conn.client_ip
-        answer = self.admission.decide(
-            conn.user,
-            conn.cert,
-            conn.client_ip,
-            request.host,
-            request.port,
-            draining=self.draining,
-            busy=self.connector.dialing + len(self.book.tunnels),
-            per_client=self.book.per_client,
-        )
-        if type(answer) is Refuse:
-            target = format_target(request.host, request.port)
-            conn.refuse(
-                answer.status, answer.reason, answer.detail, answer.headers, target, **answer.fields
-            )
-            return
-        assert type(answer) is Dial
-        if answer.would_deny:
-            self.metrics.would_deny.labels(answer.decision.reason.value).inc()
-        self.connector.dial(
-            conn, answer, self.dialers[answer.via], self.settings.limits.connect_timeout
-        )
-
-    # --- the admin endpoint -----------------------------------------------------------
-
-    def admin_routes(self) -> dict[str, Any]:
-        async def metrics() -> Reply:
-            self.book.fold_all()
-            return self.metrics.reply()
-
-        async def healthz() -> Reply:
-            return text(200, "ok\n")
-
-        async def readyz() -> Reply:
-            return text(503, "draining\n") if self.draining else text(200, "ready\n")
-
-        async def tunnels() -> Reply:
-            return json_reply(self.book.snapshot())
-
-        async def debug_tasks() -> Reply:
-            # For leak checks: what the relay holds besides its tunnels.
-            return json_reply(
-                {
-                    "relay_tasks": len(self.tasks),
-                    "loop_tasks": len(asyncio.all_tasks(self.loop)),
-                    "dialing": self.connector.dialing,
-                    "pending_heads": len(self.pending),
-                    "tunnels": len(self.book),
-                }
-            )
-
-        return {
-            "/metrics": metrics,
-            "/healthz": healthz,
-            "/readyz": readyz,
-            "/tunnels": tunnels,
-            "/debug/tasks": debug_tasks,
-        }
-
     # --- periodic sweep -------------------------------------------------------------
 
     def _schedule_sweep(self) -> None:
@@ -348,6 +253,43 @@ class Relay:
     def _sweep(self) -> None:
         self.book.sweep(time.monotonic(), self.settings.limits.idle_timeout)
         self._schedule_sweep()
+
+
+def admin_routes(relay: Relay) -> dict[str, Handler]:
+    """The relay's admin table: each handler shows what its part keeps."""
+
+    async def metrics() -> Reply:
+        relay.book.fold_all()
+        return relay.metrics.reply()
+
+    async def healthz() -> Reply:
+        return text(200, "ok\n")
+
+    async def readyz() -> Reply:
+        return text(503, "draining\n") if relay.draining else text(200, "ready\n")
+
+    async def tunnels() -> Reply:
+        return json_reply(relay.book.snapshot())
+
+    async def debug_tasks() -> Reply:
+        # For leak checks: what the relay holds besides its tunnels.
+        return json_reply(
+            {
+                "relay_tasks": len(relay.tasks),
+                "loop_tasks": len(asyncio.all_tasks(relay.loop)),
+                "dialing": relay.connector.dialing,
+                "pending_heads": len(relay.pending),
+                "tunnels": len(relay.book),
+            }
+        )
+
+    return {
+        "/metrics": metrics,
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/tunnels": tunnels,
+        "/debug/tasks": debug_tasks,
+    }
 
 
 def _egress_model(settings: Settings, name: str) -> object:

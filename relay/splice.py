@@ -151,16 +151,14 @@ def _reset(sock: socket.socket) -> bool:
 
 
 class Owner(Protocol):
-    """What a Link reports to (the Tunnel)."""
+    """What a Link reports to (the Tunnel): ``link_eof`` when one direction
+    reached EOF (from the client, or from the destination), ``close`` when both
+    directions are done or on an error, ``link_closed`` once every descriptor
+    is closed and the tunnel is gone."""
 
-    def link_eof(self, from_client: bool) -> None:
-        """One direction reached EOF (from the client, or from the destination)."""
-
-    def close(self, reason: str | None = None, *, abort: bool = False) -> None:
-        """Close the tunnel (both directions done, or an error)."""
-
-    def link_closed(self) -> None:
-        """Every descriptor is closed: the tunnel is gone."""
+    def link_eof(self, from_client: bool) -> None: ...
+    def close(self, reason: str | None = None, *, abort: bool = False) -> None: ...
+    def link_closed(self) -> None: ...
 
 
 class Counter(Protocol):

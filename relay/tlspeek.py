@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Final, Literal, NamedTuple
+from typing import Final, NamedTuple
+
+from relay.tlsreader import PeekError, PeekReason, Reader
 
 __all__ = [
     "ALERT_ACCESS_DENIED",
@@ -69,27 +71,6 @@ EXT_ALPN: Final = 16
 EXT_SUPPORTED_VERSIONS: Final = 43
 NAME_TYPE_HOST_NAME: Final = 0
 
-PeekReason = Literal["not_tls", "malformed", "too_large", "not_client_hello"]
-
-
-class PeekError(Exception):
-    """The bytes are not (or cannot become) an acceptable ClientHello.
-
-    `reason` is one of a fixed set (`PeekReason`), usable as a metric label;
-    `detail` says what was wrong, for logs.
-    """
-
-    reason: PeekReason
-    detail: str
-
-    def __init__(self, reason: PeekReason, detail: str) -> None:
-        super().__init__(reason, detail)
-        self.reason = reason
-        self.detail = detail
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.detail}"
-
 
 class ClientHello(NamedTuple):
     """What the relay needs from a ClientHello; the rest stays opaque.
@@ -120,60 +101,6 @@ def looks_like_tls(first: bytes | bytearray | memoryview) -> bool:
     if n >= 2 and first[1] != 3:
         return False
     return not (n >= 3 and first[2] > 4)
-
-
-class _Reader:
-    """Bounds-checked cursor over data[pos:end]; every overrun is "malformed"."""
-
-    __slots__ = ("data", "end", "pos")
-
-    def __init__(self, data: bytes | bytearray | memoryview, pos: int, end: int) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = end
-
-    @property
-    def remaining(self) -> int:
-        return self.end - self.pos
-
-    def _need(self, n: int, what: str) -> int:
-        start = self.pos
-        if n > self.end - start:
-            raise PeekError("malformed", f"{what}: needs {n} bytes, {self.end - start} left")
-        self.pos = start + n
-        return start
-
-    def u8(self, what: str) -> int:
-        return self.data[self._need(1, what)]
-
-    def u16(self, what: str) -> int:
-        i = self._need(2, what)
-        return (self.data[i] << 8) | self.data[i + 1]
-
-    def u24(self, what: str) -> int:
-        i = self._need(3, what)
-        return (self.data[i] << 16) | (self.data[i + 1] << 8) | self.data[i + 2]
-
-    def skip(self, n: int, what: str) -> None:
-        self._need(n, what)
-
-    def take(self, n: int, what: str) -> bytes:
-        i = self._need(n, what)
-        return bytes(self.data[i : i + n])
-
-    def sub(self, n: int, what: str) -> _Reader:
-        i = self._need(n, what)
-        return _Reader(self.data, i, i + n)
-
-    def vector8(self, what: str) -> _Reader:
-        return self.sub(self.u8(what), what)
-
-    def vector16(self, what: str) -> _Reader:
-        return self.sub(self.u16(what), what)
-
-    def expect_end(self, what: str) -> None:
-        if self.pos != self.end:
-            raise PeekError("malformed", f"{what}: {self.end - self.pos} trailing bytes")
 
 
 def parse_client_hello(
@@ -250,11 +177,11 @@ def _parse_records(
 
     if len(fragments) == 1:
         start, end = fragments[0]
-        body = _Reader(buf, start + HANDSHAKE_HEADER_SIZE, end)
+        body = Reader(buf, start + HANDSHAKE_HEADER_SIZE, end)
     else:
         # Fragmented hello: one copy, bounded by max_size.
         joined = b"".join(buf[s:e] for s, e in fragments)
-        body = _Reader(joined, HANDSHAKE_HEADER_SIZE, len(joined))
+        body = Reader(joined, HANDSHAKE_HEADER_SIZE, len(joined))
     return _parse_body(body, record_end)
 
 
@@ -392,7 +319,7 @@ def _message_size(
     return size
 
 
-def _parse_body(r: _Reader, record_bytes: int) -> ClientHello:
+def _parse_body(r: Reader, record_bytes: int) -> ClientHello:
     # RFC 8446 §4.1.2:
     #   struct {
     #       ProtocolVersion legacy_version = 0x0303;    /* TLS v1.2 */
@@ -452,7 +379,7 @@ def _parse_body(r: _Reader, record_bytes: int) -> ClientHello:
     )
 
 
-def _parse_server_name(r: _Reader) -> str | None:
+def _parse_server_name(r: Reader) -> str | None:
     # RFC 6066 §3:
     #   struct {
     #       NameType name_type;                  /* host_name(0) */
@@ -500,7 +427,7 @@ def _host_name(raw: bytes) -> str:
     return host
 
 
-def _parse_alpn(r: _Reader) -> tuple[str, ...]:
+def _parse_alpn(r: Reader) -> tuple[str, ...]:
     # RFC 7301 §3.1:
     #   opaque ProtocolName<1..2^8-1>;
     #   struct {
@@ -521,7 +448,7 @@ def _parse_alpn(r: _Reader) -> tuple[str, ...]:
     return tuple(protocols)
 
 
-def _parse_supported_versions(r: _Reader) -> tuple[int, ...]:
+def _parse_supported_versions(r: Reader) -> tuple[int, ...]:
     # RFC 8446 §4.2.1, in a ClientHello:
     #   ProtocolVersion versions<2..254>;
     versions = r.vector8("supported_versions")

@@ -33,7 +33,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from relay import splice, tlspeek
+from relay import splice, switch, tlspeek
 
 # Per-direction write-buffer watermarks. 256 KiB keeps a 10 Gb/s loopback pipe
 # full while bounding a tunnel to ~0.5 MiB of user-space buffering even when a
@@ -327,67 +327,11 @@ class Tunnel:
             upstream.resume_reading()
 
     def begin_splice(self) -> None:
-        """Called once, when a side passes SWITCH_AFTER: pause both transports
-        and switch as soon as both write buffers are empty. A tunnel that is
-        closing, half-closed or still peeking stays on its transports."""
-        if self.switch_at == DRAINING:
-            return
-        self.switch_at = NEVER
-        cs, us = self.client_side, self.upstream_side
-        client, upstream = cs.transport, us.transport
-        if (
-            client is None
-            or upstream is None
-            or self.closed_at is not None
-            or cs.eof
-            or us.eof
-            or client.is_closing()
-            or upstream.is_closing()
-            or client.get_protocol() is not cs
-            or upstream.get_protocol() is not us
-        ):
-            return
-        client.pause_reading()
-        upstream.pause_reading()
-        if client.get_write_buffer_size() or upstream.get_write_buffer_size():
-            # With limits (0, 0) a transport calls resume_writing exactly when
-            # its buffer becomes empty (pause_writing first, if it was not
-            # paused already): that is when complete_splice tries again.
-            self.switch_at = DRAINING
-            client.set_write_buffer_limits(0, 0)
-            upstream.set_write_buffer_limits(0, 0)
-            return
-        self.complete_splice()
+        """A side passed SWITCH_AFTER: move to the in-kernel pump (switch.py)."""
+        switch.begin(self)
 
     def complete_splice(self) -> None:
-        """Hand both sockets to a splice.Link once nothing is buffered. Reading
-        is paused, so every byte read so far has been written: the pipes start
-        from the sockets' own queues and nothing is lost or reordered."""
-        cs, us = self.client_side, self.upstream_side
-        client, upstream = cs.transport, us.transport
-        if client is None or upstream is None or self.closed_at is not None:
-            return
-        if client.is_closing() or upstream.is_closing():
-            return
-        if client.get_write_buffer_size() or upstream.get_write_buffer_size():
-            return  # the other buffer is still draining; its resume_writing calls again
-        self.switch_at = NEVER
-        try:
-            link = splice.Link.take(self, client, upstream, cs, us)
-        except OSError:
-            # No descriptor for the duplicates: carry on with the transports.
-            for transport in (client, upstream):
-                transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
-                transport.resume_reading()
-            return
-        for transport in (client, upstream):
-            # Write buffer empty, reading paused: close() only closes the
-            # loop's descriptor; the connection lives on in the duplicate.
-            transport.set_protocol(_DETACHED)
-            transport.close()
-        cs.transport = us.transport = cs.peer = us.peer = None
-        self.link = link
-        link.start()
+        switch.complete(self)
 
     def link_eof(self, from_client: bool) -> None:
         if self.close_reason is None:
