@@ -37,14 +37,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +58,7 @@ from relay.metrics import SupervisorMetrics
 from relay.notify import notify
 from relay.tasks import TaskSet
 from relay.workerconf import PortReservations, worker_count, worker_document, write_worker_file
-from relay.workers import Backoff, Worker, WorkerFeed, WorkerViews, child_setup
+from relay.workers import Backoff, Worker, WorkerFeed, WorkerOutput, WorkerViews, child_setup
 
 # Beyond limits.drain_timeout: a worker aborts leftover tunnels at its deadline
 # and may linger up to server.CLOSE_LINGER (10 s) for them to close.
@@ -74,9 +72,6 @@ MAX_LOG_LINE = 1024 * 1024
 # Worker exit statuses that a drain accepts as clean: 0 after its own drain,
 # or SIGTERM's default action when it arrived before the worker set handlers.
 CLEAN_EXITS = frozenset({0, -signal.SIGTERM})
-# Worker lines held back until every worker listens (so the supervisor's own
-# "listening" line comes first); a worker that never gets there releases them.
-MAX_HELD_LINES = 1000
 
 
 # --- workers ---------------------------------------------------------------------------
@@ -116,9 +111,10 @@ class Supervisor:
         self.metrics.workers.labels("configured").set(len(self.workers))
         self.generation = 0
         self.views = WorkerViews(self.workers, self.metrics)
-        self.held: list[str] | None = []  # worker lines until the relay as a whole listens
+        self.output = WorkerOutput(self.log, self.lifecycle)
+        self.runner = WorkerRunner(self)
         self.announced = False
-        self.admin = AdminServer(self.admin_routes())
+        self.admin = AdminServer(admin_routes(self))
         self.admin_address: str | None = None
         self.draining = False
         self.fatal: str | None = None
@@ -134,46 +130,6 @@ class Supervisor:
             self.log,
             self.metrics,
         )
-
-    # --- output ------------------------------------------------------------------
-
-    def emit(self, line: str) -> None:
-        if self.held is not None:
-            self.held.append(line)
-            if len(self.held) >= MAX_HELD_LINES:
-                self.release_held()
-            return
-        # Into the supervisor's own batch, in order with its own lines: one
-        # write per batch, not two system calls per worker line.
-        self.log.write_line(line)
-
-    def release_held(self) -> None:
-        held, self.held = self.held, None
-        for line in held or ():
-            self.emit(line)
-
-    def worker_line(self, worker: Worker, raw: bytes) -> None:
-        """Pass a worker's log line through with ``"worker": i``; act on the
-        few events the supervisor follows."""
-        text = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if not (text.startswith("{") and text.endswith("}")):
-            now = datetime.now(UTC).isoformat(timespec="milliseconds")
-            record = {"ts": now, "event": "worker_output", "worker": worker.index, "line": text}
-            self.emit(json.dumps(record, separators=(",", ":")) + "\n")
-            return
-        # No JSON round trip per line: the worker's request and tunnel events
-        # pass through as they are; only lifecycle events are parsed.
-        closing = "" if text == "{}" else ","
-        self.emit(f'{text[:-1]}{closing}"worker":{worker.index}}}\n')
-        head = text[:96]
-        for event in ('"event":"listening"', '"event":"reloaded"', '"event":"reload_failed"'):
-            if event in head:
-                try:
-                    record = json.loads(text)
-                except ValueError:
-                    return
-                self.lifecycle(worker, record)
-                return
 
     def lifecycle(self, worker: Worker, record: dict[str, Any]) -> None:
         event = record.get("event")
@@ -205,7 +161,7 @@ class Supervisor:
             config=self.settings.source,
             workers=len(self.workers),
         )
-        self.release_held()
+        self.output.release_held()
         if self.pid_file:
             Path(self.pid_file).write_text(f"{os.getpid()}\n")
         notify("READY=1")
@@ -224,131 +180,6 @@ class Supervisor:
             document, listen, self.konnect_ips.path if settings.konnect_ips.enabled else None
         )
         write_worker_file(self.worker_config, doc, settings.source)
-
-    def worker_argv(self, worker: Worker) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "relay",
-            "run",
-            "--config",
-            self.worker_config,
-            "--worker-index",
-            str(worker.index),
-            "--admin-socket",
-            worker.admin_socket,
-            "--reuse-port",
-        ]
-
-    async def start_worker(self, worker: Worker) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        Path(worker.admin_socket).unlink(missing_ok=True)
-        parent, prctl = os.getpid(), self._prctl
-        worker.generation = self.generation
-        worker.spawns += 1
-        worker.proc = await asyncio.create_subprocess_exec(
-            *self.worker_argv(worker),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-            limit=MAX_LOG_LINE,
-            preexec_fn=lambda: child_setup(parent, prctl),
-        )
-        worker.started = self.loop.time()
-        self.count_workers()
-        self.log("worker_started", worker=worker.index, pid=worker.proc.pid)
-
-    async def pump(self, worker: Worker) -> int:
-        """Pass the worker's stdout through until it ends; its exit status."""
-        proc = worker.proc
-        assert proc is not None and proc.stdout is not None
-        while True:
-            try:
-                line = await proc.stdout.readline()
-            except ValueError:  # longer than MAX_LOG_LINE: dropped by the reader
-                self.log("worker_line_too_long", worker=worker.index, limit=MAX_LOG_LINE)
-                continue
-            if not line:
-                break
-            self.worker_line(worker, line)
-        return await proc.wait()
-
-    def exited(self, worker: Worker, status: int) -> None:
-        proc = worker.proc
-        worker.ready = False
-        worker.spawns += 1
-        self.views.retire(worker)
-        if worker.reload_waiter is not None and not worker.reload_waiter.done():
-            worker.reload_waiter.set_result(False)
-        self.count_workers()
-        how: dict[str, object] = {"code": status}
-        if status < 0:
-            try:
-                how = {"signal": signal.Signals(-status).name}
-            except ValueError:
-                how = {"signal": -status}
-        self.log(
-            "worker_exited",
-            worker=worker.index,
-            pid=proc.pid if proc is not None else None,
-            uptime_s=round(self.loop.time() - worker.started, 3),
-            expected=self.draining,
-            **how,
-        )
-
-    async def keep(self, worker: Worker) -> None:
-        """Run one worker slot: start, pass output through, restart on exit."""
-        backoff = Backoff()
-        while not self.draining:
-            worker.started = self.loop.time()
-            try:
-                await self.start_worker(worker)
-            except OSError as exc:
-                self.log("worker_spawn_failed", worker=worker.index, error=str(exc))
-                status = 1
-            else:
-                if self.draining and worker.proc is not None:
-                    worker.proc.terminate()
-                status = await self.pump(worker)
-                self.exited(worker, status)
-            if self.draining:
-                return
-            if not self.announced:
-                self.fatal = f"worker {worker.index} exited with status {status} while starting"
-                self.stop.set()
-                return
-            delay = backoff.next(self.loop.time() - worker.started)
-            self.log("worker_restarting", worker=worker.index, delay_s=delay)
-            try:
-                async with asyncio.timeout(delay):
-                    await self.stop.wait()
-                return  # told to stop while waiting
-            except TimeoutError:
-                pass
-            self.metrics.restarts.inc()
-
-    # --- admin -----------------------------------------------------------------------------
-
-    def admin_routes(self) -> dict[str, Handler]:
-        async def metrics() -> Reply:
-            return Reply(200, await self.views.scrape(), CONTENT_TYPE_LATEST)
-
-        async def healthz() -> Reply:
-            if not any(w.alive for w in self.workers):
-                return text(503, "no worker running\n")
-            return text(200, "ok\n")
-
-        async def readyz() -> Reply:
-            if self.draining:
-                return text(503, "draining\n")
-            if not any(w.ready for w in self.workers):
-                return text(503, "no worker ready\n")
-            return text(200, "ready\n")
-
-        async def tunnels() -> Reply:
-            return Reply(200, await self.views.tunnels(), "application/json")
-
-        return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz, "/tunnels": tunnels}
 
     # --- reload ----------------------------------------------------------------------------
 
@@ -435,7 +266,7 @@ class Supervisor:
                 print(f"cannot listen: {exc}", file=sys.stderr)
                 return 1
             await self.konnect_ips.start()
-            self.keepers = [self.tasks.spawn(self.keep(w)) for w in self.workers]
+            self.keepers = [self.tasks.spawn(self.runner.keep(w)) for w in self.workers]
             await self.stop.wait()
             clean = await self.drain()
             if self.fatal is not None:
@@ -450,7 +281,7 @@ class Supervisor:
         then SIGKILL. True when every worker drained and exited cleanly."""
         self.draining = True
         notify("STOPPING=1")
-        self.release_held()
+        self.output.release_held()
         timeout = self.settings.limits.drain_timeout
         self.log("draining", workers=sum(w.alive for w in self.workers), timeout_s=timeout)
         statuses: list[int] = []
@@ -484,6 +315,142 @@ class Supervisor:
             Path(self.pid_file).unlink(missing_ok=True)
         self.log("stopped")
         self.log.flush()
+
+
+class WorkerRunner:
+    """Runs the supervisor's worker slots: start a process, pass its output
+    through, restart it with backoff when it exits unexpectedly."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def argv(self, worker: Worker) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "relay",
+            "run",
+            "--config",
+            self.sup.worker_config,
+            "--worker-index",
+            str(worker.index),
+            "--admin-socket",
+            worker.admin_socket,
+            "--reuse-port",
+        ]
+
+    async def start(self, worker: Worker) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        Path(worker.admin_socket).unlink(missing_ok=True)
+        parent, prctl = os.getpid(), self.sup._prctl
+        worker.generation = self.sup.generation
+        worker.spawns += 1
+        worker.proc = await asyncio.create_subprocess_exec(
+            *self.argv(worker),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            limit=MAX_LOG_LINE,
+            preexec_fn=lambda: child_setup(parent, prctl),
+        )
+        worker.started = self.sup.loop.time()
+        self.sup.count_workers()
+        self.sup.log("worker_started", worker=worker.index, pid=worker.proc.pid)
+
+    async def pump(self, worker: Worker) -> int:
+        """Pass the worker's stdout through until it ends; its exit status."""
+        proc = worker.proc
+        assert proc is not None and proc.stdout is not None
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # longer than MAX_LOG_LINE: dropped by the reader
+                self.sup.log("worker_line_too_long", worker=worker.index, limit=MAX_LOG_LINE)
+                continue
+            if not line:
+                break
+            self.sup.output.worker_line(worker, line)
+        return await proc.wait()
+
+    def exited(self, worker: Worker, status: int) -> None:
+        proc = worker.proc
+        worker.ready = False
+        worker.spawns += 1
+        self.sup.views.retire(worker)
+        if worker.reload_waiter is not None and not worker.reload_waiter.done():
+            worker.reload_waiter.set_result(False)
+        self.sup.count_workers()
+        how: dict[str, object] = {"code": status}
+        if status < 0:
+            try:
+                how = {"signal": signal.Signals(-status).name}
+            except ValueError:
+                how = {"signal": -status}
+        self.sup.log(
+            "worker_exited",
+            worker=worker.index,
+            pid=proc.pid if proc is not None else None,
+            uptime_s=round(self.sup.loop.time() - worker.started, 3),
+            expected=self.sup.draining,
+            **how,
+        )
+
+    async def keep(self, worker: Worker) -> None:
+        """Run one worker slot: start, pass output through, restart on exit."""
+        backoff = Backoff()
+        while not self.sup.draining:
+            worker.started = self.sup.loop.time()
+            try:
+                await self.start(worker)
+            except OSError as exc:
+                self.sup.log("worker_spawn_failed", worker=worker.index, error=str(exc))
+                status = 1
+            else:
+                if self.sup.draining and worker.proc is not None:
+                    worker.proc.terminate()
+                status = await self.pump(worker)
+                self.exited(worker, status)
+            if self.sup.draining:
+                return
+            if not self.sup.announced:
+                self.sup.fatal = f"worker {worker.index} exited with status {status} while starting"
+                self.sup.stop.set()
+                return
+            delay = backoff.next(self.sup.loop.time() - worker.started)
+            self.sup.log("worker_restarting", worker=worker.index, delay_s=delay)
+            try:
+                async with asyncio.timeout(delay):
+                    await self.sup.stop.wait()
+                return  # told to stop while waiting
+            except TimeoutError:
+                pass
+            self.sup.metrics.restarts.inc()
+
+    # --- admin -----------------------------------------------------------------------------
+
+
+def admin_routes(sup: Supervisor) -> dict[str, Handler]:
+    """The supervisor's admin table: the workers' views, merged."""
+
+    async def metrics() -> Reply:
+        return Reply(200, await sup.views.scrape(), CONTENT_TYPE_LATEST)
+
+    async def healthz() -> Reply:
+        if not any(w.alive for w in sup.workers):
+            return text(503, "no worker running\n")
+        return text(200, "ok\n")
+
+    async def readyz() -> Reply:
+        if sup.draining:
+            return text(503, "draining\n")
+        if not any(w.ready for w in sup.workers):
+            return text(503, "no worker ready\n")
+        return text(200, "ready\n")
+
+    async def tunnels() -> Reply:
+        return Reply(200, await sup.views.tunnels(), "application/json")
+
+    return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz, "/tunnels": tunnels}
 
 
 def run(settings: Settings, document: dict[str, Any], args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
@@ -18,6 +19,7 @@ from relay.aggregate import aggregate, cumulative, render
 from relay.config import SECONDS, Settings
 from relay.egress import Dialer, make_dialers
 from relay.konnect_ips_feed import Feed, write_atomically
+from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
 from relay.resolver import resolver_for
 
@@ -233,3 +235,57 @@ class WorkerFeed:
         # default action would end it); one that starts later reads the file.
         if worker.ready and worker.alive and worker.proc is not None:
             worker.proc.send_signal(signal.SIGUSR1)
+
+
+# Worker lines held back until every worker listens (so the supervisor's own
+# "listening" line comes first); a worker that never gets there releases them.
+MAX_HELD_LINES = 1000
+
+
+class WorkerOutput:
+    """The workers' log lines, passed through into the supervisor's batched
+    writes with ``"worker": i``; ``on_event(worker, record)`` hears the few
+    lifecycle events the supervisor follows."""
+
+    def __init__(self, log: EventLog, on_event: Callable[[Worker, dict[str, Any]], None]) -> None:
+        self.log = log
+        self.on_event = on_event
+        self.held: list[str] | None = []
+
+    def emit(self, line: str) -> None:
+        if self.held is not None:
+            self.held.append(line)
+            if len(self.held) >= MAX_HELD_LINES:
+                self.release_held()
+            return
+        # Into the supervisor's own batch, in order with its own lines: one
+        # write per batch, not two system calls per worker line.
+        self.log.write_line(line)
+
+    def release_held(self) -> None:
+        held, self.held = self.held, None
+        for line in held or ():
+            self.emit(line)
+
+    def worker_line(self, worker: Worker, raw: bytes) -> None:
+        """Pass a worker's log line through with ``"worker": i``; act on the
+        few events the supervisor follows."""
+        text = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not (text.startswith("{") and text.endswith("}")):
+            now = datetime.now(UTC).isoformat(timespec="milliseconds")
+            record = {"ts": now, "event": "worker_output", "worker": worker.index, "line": text}
+            self.emit(json.dumps(record, separators=(",", ":")) + "\n")
+            return
+        # No JSON round trip per line: the worker's request and tunnel events
+        # pass through as they are; only lifecycle events are parsed.
+        closing = "" if text == "{}" else ","
+        self.emit(f'{text[:-1]}{closing}"worker":{worker.index}}}\n')
+        head = text[:96]
+        for event in ('"event":"listening"', '"event":"reloaded"', '"event":"reload_failed"'):
+            if event in head:
+                try:
+                    record = json.loads(text)
+                except ValueError:
+                    return
+                self.on_event(worker, record)
+                return

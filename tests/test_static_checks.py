@@ -53,3 +53,25 @@ def test_tasks_are_created_only_by_the_task_set() -> None:
             ):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+MAX_MODULE_LINES = 500
+MAX_CLASS_LINES = 250
+
+
+def test_modules_and_classes_stay_within_their_budgets() -> None:
+    """One job per part: no module in relay/ over 500 lines, no class over 250."""
+    import ast
+
+    over = []
+    for path in sorted((ROOT / "relay").rglob("*.py")):
+        source = path.read_text()
+        lines = len(source.splitlines())
+        if lines > MAX_MODULE_LINES:
+            over.append(f"{path.relative_to(ROOT)}: {lines} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    over.append(f"{path.relative_to(ROOT)}: class {node.name} {size} lines")
+    assert over == []
