@@ -31,6 +31,7 @@ from relay.addresses import (
     parse_static_side,
 )
 from relay.auth import BasicAuth
+from relay.egress import EgressSettings, HttpProxySettings, SSHSettings
 from relay.policy import HostPattern, Policy
 from relay.schema import (
     DAYS,
@@ -75,6 +76,7 @@ __all__ = [
     "TLSModel",
     "build",
     "default_text",
+    "http_proxy_settings",
     "load",
     "load_document",
     "nameserver_address",
@@ -82,6 +84,7 @@ __all__ = [
     "parse_proxy_url",
     "parse_static_side",
     "parse_yaml",
+    "ssh_settings",
 ]
 
 
@@ -175,6 +178,12 @@ class Settings:
     cache_ttl: float
     egress: str
     limits: LimitsModel
+    specs: tuple[ListenModel, ...] = ()  # the listen: entries, in order with ``listen``
+    workers: int | str = 1
+    allowed_cidrs: tuple[str, ...] = ()
+    nameservers: tuple[tuple[str, int], ...] = ()
+    dns_timeout: float = 2.0
+    egress_config: EgressSettings = field(default_factory=EgressSettings)
     konnect_ips: KonnectIPsModel = field(default_factory=KonnectIPsModel)
     policy_mode: str = "enforce"
     clients_only: bool = False
@@ -201,6 +210,27 @@ class Settings:
         if self.clients_only:
             return "", None
         return "", self.policy
+
+
+def http_proxy_settings(model: HttpProxyModel) -> HttpProxySettings:
+    """What the parent-proxy dialer takes from ``egress.http_proxy``."""
+    return HttpProxySettings(**model.model_dump())
+
+
+def ssh_settings(model: SSHModel) -> SSHSettings:
+    """What the SSH dialer takes from ``egress.ssh``."""
+    return SSHSettings(**{**model.model_dump(), "client_keys": tuple(model.client_keys)})
+
+
+def _egress_settings(raw: FileConfig) -> EgressSettings:
+    egress = raw.egress
+    used = {egress.mode} | {r.via for r in egress.routes if r.via != "deny"}
+    return EgressSettings(
+        mode=egress.mode,
+        used=tuple(sorted(used)),
+        http_proxy=http_proxy_settings(egress.http_proxy) if egress.http_proxy else None,
+        ssh=ssh_settings(egress.ssh) if egress.ssh else None,
+    )
 
 
 def _format_errors(exc: ValidationError) -> list[str]:
@@ -291,6 +321,12 @@ def build(data: Any, source: str = "<config>") -> Settings:
         cache_ttl=raw.resolver.cache_ttl,
         egress=raw.egress.mode,
         limits=raw.limits,
+        specs=tuple(raw.listen),
+        workers=raw.workers,
+        allowed_cidrs=tuple(raw.resolver.allowed_cidrs),
+        nameservers=tuple(nameserver_address(n) for n in raw.resolver.nameservers),
+        dns_timeout=raw.resolver.timeout,
+        egress_config=_egress_settings(raw),
         konnect_ips=raw.resolver.konnect_ips,
         policy_mode=raw.policy_mode,
         clients_only=raw.clients_only,

@@ -103,7 +103,7 @@ def konnect_targets(settings: Settings) -> tuple[list[tuple[str, int]], str]:
     """The Konnect hosts a data plane of this config talks to, and a note when
     the control-plane hosts cannot be listed (``konnect.control_planes`` empty
     means any prefix, and the prefixes are not known here)."""
-    k = settings.raw.konnect
+    k = settings.policy.konnect
     hosts: list[str] = []
     for region in k.regions:
         for prefix in k.control_planes:
@@ -399,7 +399,7 @@ async def _run(
     err: TextIO,
 ) -> tuple[list[Check], str]:
     resolver = resolver_for(settings)
-    dialers = make_dialers(settings, resolver)
+    dialers = make_dialers(settings.egress_config, resolver)
     try:
         for dialer in dialers.values():
             await dialer.start()

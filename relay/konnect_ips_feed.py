@@ -94,7 +94,7 @@ class Feed:
         on_document: Callable[[bytes, float], None] | None = None,
     ) -> None:
         self.model = settings.konnect_ips
-        self.regions = tuple(settings.raw.konnect.regions)
+        self.regions = tuple(settings.policy.konnect.regions)
         self.dialer_for = dialer_for
         self.log = log
         self.metrics = metrics
@@ -155,7 +155,7 @@ class Feed:
         """A reload: a changed url or region list fetches now, a changed mode
         applies at once, and turning the feed off or on takes effect."""
         old, new = self.model, settings.konnect_ips
-        regions = tuple(settings.raw.konnect.regions)
+        regions = tuple(settings.policy.konnect.regions)
         regions_changed = regions != self.regions
         self.model, self.regions = new, regions
         if not new.enabled:
@@ -295,11 +295,10 @@ class Feed:
 def unpinned_egresses(settings: Settings) -> list[tuple[str, str]]:
     """The egresses this config uses whose dials the list cannot pin: there
     the relay does not resolve the destination itself."""
-    egress = settings.raw.egress
-    used = {egress.mode} | {r.via for r in egress.routes if r.via != "deny"}
+    egress = settings.egress_config
     out = []
-    if "http_proxy" in used:
+    if "http_proxy" in egress.used:
         out.append(("http_proxy", "the parent proxy resolves Konnect names, not the relay"))
-    if "ssh" in used and egress.ssh is not None and egress.ssh.resolve == "remote":
+    if "ssh" in egress.used and egress.ssh is not None and egress.ssh.resolve == "remote":
         out.append(("ssh", "the bastion resolves Konnect names (egress.ssh.resolve: remote)"))
     return out

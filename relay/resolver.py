@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from relay.hostport import hostport
 from relay.konnect import is_konnect_host
 
 if TYPE_CHECKING:
@@ -103,9 +104,7 @@ class Endpoint:
         return (self.address, self.port)
 
     def __str__(self) -> str:
-        if self.family == socket.AF_INET6:
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
+        return hostport(self.address, self.port)
 
 
 def static_target(
@@ -332,16 +331,13 @@ DNS_SHARE = 0.75
 def resolver_for(settings: Settings, pins: KonnectPins | None = None) -> Resolver:
     """The resolver a relay (or `doctor`) builds from its settings; ``pins``
     is the current Konnect ingress list when ``resolver.konnect_ips`` is on."""
-    from relay.config import nameserver_address
-
-    r = settings.raw.resolver
     return Resolver(
         settings.static,
-        allow_private=r.allow_private,
-        cache_ttl=r.cache_ttl,
-        allowed_cidrs=r.allowed_cidrs,
-        nameservers=[nameserver_address(n) for n in r.nameservers],
-        timeout=min(r.timeout, settings.limits.connect_timeout * DNS_SHARE),
+        allow_private=settings.allow_private,
+        cache_ttl=settings.cache_ttl,
+        allowed_cidrs=settings.allowed_cidrs,
+        nameservers=settings.nameservers,
+        timeout=min(settings.dns_timeout, settings.limits.connect_timeout * DNS_SHARE),
         pins=pins,
     )
 

@@ -62,7 +62,7 @@ class Relay:
         )
         self.connector = Connector(self)
         self.dialers: dict[str, Dialer] = make_dialers(
-            settings, self.resolver, self._egress_state, self._egress_reconnect
+            settings.egress_config, self.resolver, self._egress_state, self._egress_reconnect
         )
         self.feed = Feed(
             settings, self._dialer_for, self.log, self.metrics.konnect_ips, self._set_pins
@@ -136,7 +136,7 @@ class Relay:
 
     @staticmethod
     def _wanted(settings: Settings) -> list[tuple[config.ListenModel, tuple[str, int]]]:
-        return list(zip(settings.raw.listen, settings.listen, strict=True))
+        return list(zip(settings.specs, settings.listen, strict=True))
 
     async def reload(self, path: str | None) -> bool:
         """Re-read the config: all of it, or none of it (see _apply)."""
@@ -166,11 +166,15 @@ class Relay:
             raise config.ConfigError(exc.errors, new.source) from None
         resolver = resolver_for(new, self.feed.pins)
         resolver.listening = self.resolver.listening
-        dialers = make_dialers(new, resolver, self._egress_state, self._egress_reconnect)
+        dialers = make_dialers(
+            new.egress_config, resolver, self._egress_state, self._egress_reconnect
+        )
         kept: dict[str, Dialer] = {}
         for name, dialer in dialers.items():
             previous = self.dialers.get(name)
-            if previous is not None and _egress_model(old, name) == _egress_model(new, name):
+            if previous is not None and old.egress_config.settings_of(
+                name
+            ) == new.egress_config.settings_of(name):
                 previous.retarget(resolver)
                 kept[name] = previous  # e.g. keep the live SSH connection and its tunnels
             else:
@@ -290,8 +294,3 @@ def admin_routes(relay: Relay) -> dict[str, Handler]:
         "/tunnels": tunnels,
         "/debug/tasks": debug_tasks,
     }
-
-
-def _egress_model(settings: Settings, name: str) -> object:
-    egress = settings.raw.egress
-    return {"http_proxy": egress.http_proxy, "ssh": egress.ssh}.get(name)

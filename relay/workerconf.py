@@ -19,7 +19,7 @@ from relay.hostport import hostport
 def worker_count(settings: Settings) -> int:
     """``workers`` resolved: ``auto`` is the number of CPUs this process may use
     (its affinity mask, which honours cpusets and taskset), at most MAX_WORKERS."""
-    value = settings.raw.workers
+    value = settings.workers
     if value == "auto":
         try:
             cpus = len(os.sched_getaffinity(0))
@@ -73,7 +73,7 @@ class PortReservations:
         fresh: list[socket.socket] = []
         seen: dict[str, int] = {}
         try:
-            for spec, (host, port) in zip(settings.raw.listen, settings.listen, strict=True):
+            for spec, (host, port) in zip(settings.specs, settings.listen, strict=True):
                 if port != 0:
                     out.append(spec.address)
                     continue

@@ -196,7 +196,7 @@ class WorkerFeed:
             await dialer.close()
         self.dialers = {}
         if settings.konnect_ips.enabled and settings.konnect_ips.fetch:
-            self.dialers = make_dialers(settings, resolver_for(settings))
+            self.dialers = make_dialers(settings.egress_config, resolver_for(settings))
             for dialer in self.dialers.values():
                 await dialer.start()
 

@@ -16,8 +16,46 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from relay.config import Settings
     from relay.resolver import Resolver
+
+
+@dataclass(frozen=True, slots=True)
+class HttpProxySettings:
+    """``egress.http_proxy``: the parent proxy."""
+
+    url: str
+    ca_file: str | None
+    verify: bool
+    connect_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class SSHSettings:
+    """``egress.ssh``: the bastion (``known_hosts`` is never empty)."""
+
+    host: str
+    port: int
+    username: str
+    client_keys: tuple[str, ...]
+    known_hosts: str
+    keepalive_interval: float
+    max_channels: int
+    resolve: str  # "remote" or "local"
+    connect_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class EgressSettings:
+    """The egresses a config uses (``egress.mode`` and every route's ``via``)."""
+
+    mode: str = "direct"
+    used: tuple[str, ...] = ("direct",)
+    http_proxy: HttpProxySettings | None = None
+    ssh: SSHSettings | None = None
+
+    def settings_of(self, name: str) -> object:
+        """What a long-lived dialer was built from (equal: keep it on reload)."""
+        return {"http_proxy": self.http_proxy, "ssh": self.ssh}.get(name)
 
 
 class DialError(Exception):
@@ -86,7 +124,7 @@ def classify(exc: OSError, where: str) -> DialError:
 
 
 def make_dialers(
-    settings: Settings,
+    egress: EgressSettings,
     resolver: Resolver,
     on_state: Callable[[str, bool], None] | None = None,
     on_reconnect: Callable[[str], None] | None = None,
@@ -94,10 +132,8 @@ def make_dialers(
     """One dialer per egress the config uses (``egress.mode`` and every route).
     ``on_state(name, up)`` and ``on_reconnect(name)`` report a long-lived egress
     connection's health (the SSH bastion)."""
-    egress = settings.raw.egress
-    used = {egress.mode} | {r.via for r in egress.routes if r.via != "deny"}
     dialers: dict[str, Dialer] = {}
-    for name in sorted(used):
+    for name in sorted(egress.used):
         if name == "direct":
             from relay.egress.direct import DirectDialer
 

@@ -22,8 +22,9 @@ import re
 import socket
 import ssl
 
-from relay.config import HttpProxyModel, parse_proxy_url
-from relay.egress import Dialer, DialError, Dialled, classify
+from relay.addresses import parse_proxy_url
+from relay.egress import Dialer, DialError, Dialled, HttpProxySettings, classify
+from relay.hostport import hostport
 from relay.resolver import Resolver, static_target
 
 # The parent's response head is read into memory before the tunnel starts; a
@@ -79,11 +80,6 @@ def parse_response_head(buf: bytes | bytearray) -> tuple[int, str, int] | None:
 def _printable(data: bytes) -> str:
     text = data[:MAX_REASON_LENGTH].decode("latin-1")
     return "".join(c if c.isprintable() else "?" for c in text)
-
-
-def format_authority(host: str, port: int) -> str:
-    """RFC 9110 §9.3.6: CONNECT takes ``authority-form`` (host:port, IPv6 in brackets)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def build_request(authority: str, credentials: tuple[str, str | None] | None) -> bytes:
@@ -170,12 +166,12 @@ class HttpProxyDialer(Dialer):
 
     name = "http_proxy"
 
-    def __init__(self, model: HttpProxyModel, resolver: Resolver) -> None:
+    def __init__(self, model: HttpProxySettings, resolver: Resolver) -> None:
         url = parse_proxy_url(model.url)
         self.resolver = resolver
         self.host = url.host
         self.port = url.port
-        self.where = format_authority(url.host, url.port)
+        self.where = hostport(url.host, url.port)
         self.connect_timeout = model.connect_timeout
         self.credentials = (url.username, url.password) if url.username is not None else None
         self.ssl: ssl.SSLContext | None = None
@@ -188,7 +184,7 @@ class HttpProxyDialer(Dialer):
 
     async def dial(self, host: str, port: int, protocol: asyncio.Protocol) -> Dialled:
         target = static_target(self.resolver.static, host, port) or (host, port)
-        authority = format_authority(*target)
+        authority = hostport(*target)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[int, str, bytes]] = loop.create_future()
         handshake = _ParentHandshake(build_request(authority, self.credentials), protocol, done)

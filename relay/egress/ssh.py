@@ -33,8 +33,8 @@ from typing import Any, cast
 
 import asyncssh
 
-from relay.config import SSHModel
-from relay.egress import Dialer, DialError, Dialled
+from relay.egress import Dialer, DialError, Dialled, SSHSettings
+from relay.hostport import hostport
 from relay.resolver import ResolveError, Resolver, static_target
 from relay.tasks import TaskSet
 
@@ -236,13 +236,11 @@ class SSHDialer(Dialer):
 
     def __init__(
         self,
-        model: SSHModel,
+        model: SSHSettings,
         resolver: Resolver,
         on_state: Callable[[bool], None] | None = None,
         on_reconnect: Callable[[], None] | None = None,
     ) -> None:
-        if not model.known_hosts:
-            raise ValueError("egress.ssh.known_hosts is required")
         self.model = model
         self.resolver = resolver
         self.on_state = on_state
@@ -317,7 +315,8 @@ class SSHDialer(Dialer):
             m.port,
             username=m.username,
             known_hosts=m.known_hosts,
-            client_keys=m.client_keys or (),
+            # a list: asyncssh reads a tuple as (key, certificate); () loads the defaults
+            client_keys=list(m.client_keys) or (),
             keepalive_interval=m.keepalive_interval,
             connect_timeout=m.connect_timeout,
             config=None,  # no ~/.ssh/config: the relay's config says everything
@@ -369,7 +368,7 @@ class SSHDialer(Dialer):
             targets = [(e.address, e.port, str(e), e.would_deny) for e in endpoints]
         else:
             h, p = static_target(self.resolver.static, host, port) or (host, port)
-            targets = [(h, p, f"[{h}]:{p}" if ":" in h else f"{h}:{p}", "")]
+            targets = [(h, p, hostport(h, p), "")]
         failures: list[DialError] = []
         for h, p, where, would_deny in targets:
             try:
@@ -442,7 +441,7 @@ def channel_error(exc: asyncssh.ChannelOpenError, who: str, where: str) -> DialE
     return DialError(reason, f"SSH bastion {who} could not connect to {where}: {text}")
 
 
-def describe(exc: BaseException, model: SSHModel) -> str:
+def describe(exc: BaseException, model: SSHSettings) -> str:
     """Why the SSH connection failed or ended, for a 502 body and a log line."""
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
         return (

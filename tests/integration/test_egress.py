@@ -39,7 +39,7 @@ import uvloop
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.config import HttpProxyModel, SSHModel
+from relay.config import HttpProxyModel, SSHModel, http_proxy_settings, ssh_settings
 from relay.egress import Dialer, DialError, Dialled
 from relay.egress.http_proxy import (
     MAX_HEAD_SIZE,
@@ -445,7 +445,7 @@ class ScriptedParent:
 def proxy_dialer(
     url: str, static: dict[str, tuple[str, int]] | None = None, **model: Any
 ) -> HttpProxyDialer:
-    return HttpProxyDialer(HttpProxyModel(url=url, **model), resolver(static))
+    return HttpProxyDialer(http_proxy_settings(HttpProxyModel(url=url, **model)), resolver(static))
 
 
 @pytest.mark.parametrize(
@@ -564,7 +564,7 @@ def test_parent_is_asked_for_the_static_address_and_the_relay_does_no_dns() -> N
     async def main() -> None:
         async with ScriptedParent(b"HTTP/1.1 200 OK\r\n\r\n", close=True) as parent:
             dialer = HttpProxyDialer(
-                HttpProxyModel(url=f"http://127.0.0.1:{parent.port}"),
+                http_proxy_settings(HttpProxyModel(url=f"http://127.0.0.1:{parent.port}")),
                 Resolver({(CP_HOST, None): ("10.1.2.3", 8443)}, allow_private=False, cache_ttl=0),
             )
             for host in (CP_HOST, "konnect.example.invalid"):
@@ -739,7 +739,7 @@ def ssh_dialer(
     **model: Any,
 ) -> SSHDialer:
     dialer = SSHDialer(
-        SSHModel(**peer.egress(**model)),
+        ssh_settings(SSHModel(**peer.egress(**model))),
         resolver(static, allow_private),
         on_state=health.on_state if health else None,
         on_reconnect=health.on_reconnect if health else None,
