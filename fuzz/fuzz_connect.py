@@ -24,7 +24,7 @@ import atheris  # type: ignore[import-untyped]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports():
-    from relay.connect import MAX_HEAD_SIZE, HeadError, parse_head
+    from relay.connect import MAX_HEAD_SIZE, HeadError, parse_head, response
 
 SECRET = b"c2VjcmV0LXVzZXI6aHVudGVyMg=="  # base64 of a user:password pair
 LINE = b"CONNECT a.eu.cp0.konghq.com:443 HTTP/1.1\r\n"
@@ -50,8 +50,8 @@ def test_one_input(data: bytes) -> None:
         request = parse_head(buf)
     except HeadError as exc:
         assert SECRET not in exc.detail.encode("latin-1", "replace"), "credential echoed"
-        response = exc.response()
-        assert response.startswith(b"HTTP/1.1 %d " % exc.status)
+        answer = response(exc.status, exc.detail, exc.headers)
+        assert answer.startswith(b"HTTP/1.1 %d " % exc.status)
         return
     if request is None:
         assert len(buf) < MAX_HEAD_SIZE, "undecided at the size limit"

@@ -143,10 +143,6 @@ class HeadError(Exception):
     def __str__(self) -> str:
         return f"{self.status} {self.reason}: {self.detail}"
 
-    def response(self) -> bytes:
-        """The complete HTTP/1.1 error response to send before closing."""
-        return response(self.status, self.detail, self.headers)
-
 
 @dataclass(frozen=True, slots=True)
 class ConnectRequest:
@@ -166,11 +162,6 @@ class ConnectRequest:
     proxy_authorization: bytes | None = field(repr=False)
     user_agent: str | None
     head_length: int
-
-    @property
-    def authority(self) -> str:
-        """``host:port`` as it appeared in the request line."""
-        return f"{self.host}:{self.port}"
 
 
 _PHRASES: Final = {413: "Content Too Large", 414: "URI Too Long"}  # RFC 9110 §15.5.14-15

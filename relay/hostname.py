@@ -284,7 +284,8 @@ def normalise_host(raw: str) -> str:
     for label in labels:
         if not label or len(label) > MAX_LABEL_LENGTH or label[0] == "-" or label[-1] == "-":
             if label:
-                problem = _label_problem(label) or "invalid label"
+                problem = _label_problem(label)
+                assert problem is not None
             elif host[0] == ".":
                 problem = "empty label (leading dot)"
             else:

@@ -230,10 +230,11 @@ class Supervisor:
         self.generation += 1
         waiters: dict[int, asyncio.Future[bool]] = {}
         for worker in self.workers:
-            if worker.ready and worker.proc is not None and worker.alive:
+            proc = worker.running
+            if worker.ready and proc is not None:
                 worker.generation = self.generation
                 worker.reload_waiter = waiters[worker.index] = self.loop.create_future()
-                worker.proc.send_signal(signal.SIGHUP)
+                proc.send_signal(signal.SIGHUP)
             # a worker not yet listening reads the new file as it starts
         if waiters:
             await asyncio.wait(list(waiters.values()), timeout=RELOAD_TIMEOUT)
@@ -286,14 +287,14 @@ class Supervisor:
         self.log("draining", workers=sum(w.alive for w in self.workers), timeout_s=timeout)
         statuses: list[int] = []
         for worker in self.workers:
-            if worker.alive and worker.proc is not None:
-                worker.proc.terminate()
+            if (proc := worker.running) is not None:
+                proc.terminate()
         _, late = await asyncio.wait(self.keepers, timeout=timeout + DRAIN_GRACE)
         if late:
             for worker in self.workers:
-                if worker.alive and worker.proc is not None:
-                    self.log("worker_killed", worker=worker.index, pid=worker.proc.pid)
-                    worker.proc.kill()
+                if (proc := worker.running) is not None:
+                    self.log("worker_killed", worker=worker.index, pid=proc.pid)
+                    proc.kill()
             await asyncio.wait(late)
         for worker in self.workers:
             if worker.proc is not None and worker.proc.returncode is not None:
@@ -344,7 +345,6 @@ class WorkerRunner:
         Path(worker.admin_socket).unlink(missing_ok=True)
         parent, prctl = os.getpid(), self.sup._prctl
         worker.generation = self.sup.generation
-        worker.spawns += 1
         worker.proc = await asyncio.create_subprocess_exec(
             *self.argv(worker),
             stdin=asyncio.subprocess.DEVNULL,
@@ -353,7 +353,6 @@ class WorkerRunner:
             limit=MAX_LOG_LINE,
             preexec_fn=lambda: child_setup(parent, prctl),
         )
-        worker.started = self.sup.loop.time()
         self.sup.count_workers()
         self.sup.log("worker_started", worker=worker.index, pid=worker.proc.pid)
 

@@ -78,7 +78,13 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return self.running is not None
+
+    @property
+    def running(self) -> asyncio.subprocess.Process | None:
+        """The process while it runs, else None."""
+        proc = self.proc
+        return proc if proc is not None and proc.returncode is None else None
 
 
 def child_setup(parent: int, prctl: Any) -> None:
@@ -233,8 +239,9 @@ class WorkerFeed:
     def tell(worker: Worker) -> None:
         # Only a worker that listens has its SIGUSR1 handler (the signal's
         # default action would end it); one that starts later reads the file.
-        if worker.ready and worker.alive and worker.proc is not None:
-            worker.proc.send_signal(signal.SIGUSR1)
+        proc = worker.running
+        if worker.ready and proc is not None:
+            proc.send_signal(signal.SIGUSR1)
 
 
 # Worker lines held back until every worker listens (so the supervisor's own

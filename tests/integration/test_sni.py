@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from relay import tlspeek
 from tests.conftest import (
     CP_HOST,
     TP_HOST,
@@ -347,6 +348,7 @@ def test_slow_hello_head_timeout(
         sock.sendall(hello[: len(hello) // 2])
         reply = recv_all(sock)
     assert reply == b"" or reply[0] == TLS_ALERT, reply
+    assert reply == tlspeek.ALERT_ACCESS_DENIED  # as the README says
     event = relay.wait_event(lambda e: e["event"] == "request")
     assert event["allowed"] is False and event["reason"] == "head_timeout"
     assert accepted[0] == 0

@@ -562,7 +562,12 @@ def test_target_form_is_named(head: bytes, form: str) -> None:
     with pytest.raises(HeadError) as info:
         parse_head(head)
     assert form in info.value.detail
-    assert info.value.response().count(b"\r\nAllow: CONNECT\r\n") == 1
+    assert (
+        response(info.value.status, info.value.detail, info.value.headers).count(
+            b"\r\nAllow: CONNECT\r\n"
+        )
+        == 1
+    )
 
 
 def test_method_is_echoed_and_truncated() -> None:
@@ -676,7 +681,12 @@ def test_credentials_never_appear_in_errors(secret: str, template: bytes) -> Non
     with pytest.raises(HeadError) as info:
         parse_head(head)
     e = info.value
-    for text in (e.detail, str(e), repr(e), e.response().decode("latin-1")):
+    for text in (
+        e.detail,
+        str(e),
+        repr(e),
+        response(e.status, e.detail, e.headers).decode("latin-1"),
+    ):
         assert secret not in text
 
 
@@ -687,9 +697,9 @@ def test_repr_of_request_hides_proxy_authorization() -> None:
     assert req.proxy_authorization == b"Basic dTpw"
 
 
-def test_authority_property() -> None:
+def test_ipv6_target_keeps_its_brackets() -> None:
     req = parse_head(b"CONNECT [::1]:8443 HTTP/1.1\r\n\r\n")
-    assert req is not None and req.authority == "[::1]:8443"
+    assert req is not None and (req.host, req.port) == ("[::1]", 8443)
 
 
 # -- responses -----------------------------------------------------------------------
@@ -714,14 +724,14 @@ def test_response_example() -> None:
 def test_head_error_response_carries_its_headers() -> None:
     with pytest.raises(HeadError) as info:
         parse_head(b"GET / HTTP/1.1\r\n\r\n")
-    data = info.value.response()
+    data = response(info.value.status, info.value.detail, info.value.headers)
     assert data.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
     assert b"\r\nAllow: CONNECT\r\n\r\n405 method GET" in data
 
 
 def test_head_error_for_timeout_is_constructible() -> None:
     e = HeadError(408, "head_timeout", "request head not received within 10 s")
-    assert e.response().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert response(e.status, e.detail, e.headers).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     assert str(e) == "408 head_timeout: request head not received within 10 s"
 
 
