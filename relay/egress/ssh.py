@@ -7,10 +7,11 @@ key is always checked against ``known_hosts``: there is no "accept any key".
 
 The connection is owned by a background task started by ``start()``: it
 connects, waits for the connection to end, and reconnects with exponential
-backoff and full jitter capped at 30 s. While it is down ``dial`` refuses at
-once (``egress_down``, with the last error); when it drops, every tunnel on it
-sees ``connection_lost(EgressLost(...))`` and closes with reason
-``egress_lost``.
+backoff and full jitter capped at 30 s. While an attempt is in progress
+``dial`` waits for it (within the caller's connect deadline); between attempts
+it refuses at once (``egress_down``, with the last error). When the connection
+drops, every tunnel on it sees ``connection_lost(EgressLost(...))`` and closes
+with reason ``egress_lost``.
 
 Two small adapters let the tunnel pump (tunnel.py) run over a channel without
 knowing it: ``ChannelSession`` is the asyncssh session that forwards channel
@@ -253,6 +254,8 @@ class SSHDialer(Dialer):
         self._settled = asyncio.Event()
         self._opening = TaskSet()  # the connection task and channel opens
         self._closed = False
+        # Set while a connection attempt is in progress; done once it settled.
+        self._attempt: asyncio.Future[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -265,6 +268,7 @@ class SSHDialer(Dialer):
         if self._task is not None or self._closed:
             return
         self._report(False)
+        self._attempt = asyncio.get_running_loop().create_future()  # the first one
         self._task = self._opening.spawn(self._run())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(STARTUP_WAIT, self.model.connect_timeout)):
@@ -276,17 +280,21 @@ class SSHDialer(Dialer):
         connected_before = False
         while not self._closed:
             link = _Link()
+            if self._attempt is None or self._attempt.done():
+                self._attempt = loop.create_future()
             try:
                 link.conn = await self._connect(link)
             except Exception as exc:
                 self.last_error = describe(exc, self.model)
                 self._settled.set()
+                self._attempt.set_result(None)
                 await asyncio.sleep(backoff_delay(attempt))
                 attempt += 1
                 continue
             self.link = link
             self.last_error = ""
             self._settled.set()
+            self._attempt.set_result(None)
             if connected_before and self.on_reconnect is not None:
                 self.on_reconnect()
             connected_before = True
@@ -336,6 +344,8 @@ class SSHDialer(Dialer):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._attempt is not None and not self._attempt.done():
+            self._attempt.set_result(None)  # dials waiting for it see egress_down
         for opening in list(self._opening):
             opening.cancel()
         if link is not None and link.conn is not None:
@@ -349,6 +359,13 @@ class SSHDialer(Dialer):
 
     async def dial(self, host: str, port: int, protocol: asyncio.Protocol) -> Dialled:
         link = self.link
+        attempt = self._attempt
+        if link is None and attempt is not None and not attempt.done():
+            # Right after start or during a reconnect: wait for the attempt in
+            # progress (the caller's connect deadline bounds the wait) rather
+            # than refuse a request the bastion is about to carry.
+            await asyncio.shield(attempt)
+            link = self.link
         if link is None or link.conn is None:
             raise DialError(
                 "egress_down", f"SSH bastion {self.who} is not connected: {self.last_error}"

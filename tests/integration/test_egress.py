@@ -782,6 +782,27 @@ def test_ssh_channel_carries_mtls(
     run(main())
 
 
+def test_ssh_dial_waits_for_the_connection_attempt_in_progress(
+    request: pytest.FixtureRequest, certs: Certs, fake_cp: FakeControlPlane
+) -> None:
+    """A request that arrives while the bastion connection is still being set
+    up (right after start, or during a reconnect) waits for that attempt
+    instead of getting 502 egress_down at once."""
+    peer = bastion_peer(request, "asyncssh")
+
+    async def main() -> None:
+        dialer = ssh_dialer(peer, {CP_HOST: ("127.0.0.1", fake_cp.port)})
+        starting = asyncio.ensure_future(dialer.start())
+        await asyncio.sleep(0)  # the attempt has begun; nothing is connected yet
+        assert not dialer.connected
+        piped = await pipe(dialer)
+        assert await whoami(piped, certs) == certs.client_sha256
+        await asyncio.wait_for(piped.closed, WAIT)
+        await starting
+
+    run(main())
+
+
 def test_ssh_resolve_local_applies_address_checks(
     request: pytest.FixtureRequest, fake_cp: FakeControlPlane
 ) -> None:
