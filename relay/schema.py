@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
@@ -207,17 +208,24 @@ class UserModel(_Strict):
     password_hash: str | None = None
     password_env: str | None = None
     password_file: str | None = None
+    # The secret as read while validating: a file or variable is read once per load.
+    _credential: Credential | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _one_secret(self) -> UserModel:
         given = [k for k in ("password_hash", "password_env", "password_file") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError("give exactly one of password_hash, password_env, password_file")
-        self.credential()  # a bad hash, unset variable or unreadable file is a config error
+        # A bad hash, unset variable or unreadable file is a config error.
+        self._credential = self._read()
         return self
 
     def credential(self) -> Credential:
-        """The secret, read now from the environment or the file (re-read on reload)."""
+        """The secret read when this model was validated (each load reads anew)."""
+        assert self._credential is not None
+        return self._credential
+
+    def _read(self) -> Credential:
         if self.password_hash is not None:
             return Credential(password_hash=self.password_hash)
         if self.password_env is not None:

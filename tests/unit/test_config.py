@@ -565,3 +565,24 @@ def test_build_raises_only_config_error(data: Any) -> None:
         assert exc.errors and all(isinstance(line, str) and line for line in exc.errors)
     else:
         assert isinstance(s, config.Settings)
+
+
+def test_a_password_file_is_read_once_per_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    reads: list[str] = []
+    read_text = Path.read_text
+
+    def counting(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == secret:
+            reads.append(str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    settings = config.build(
+        {"auth": {"basic": {"users": [{"name": "u", "password_file": str(secret)}]}}}
+    )
+    assert settings.auth is not None
+    assert reads == [str(secret)]
