@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import recv_all, recv_exactly
+from tests.support.helpers import recv_all, recv_exactly
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"

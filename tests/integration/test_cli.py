@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import WAIT, StartRelay, free_port, relay_config
-from tests.helpers import CONSOLE_SCRIPT, ROOT, connect_via, relay_cli, write_config
+from tests.support.helpers import CONSOLE_SCRIPT, ROOT, connect_via, relay_cli, write_config
+from tests.support.relay import WAIT, StartRelay, free_port, relay_config
 
 DEFAULT_CONFIG = ROOT / "config" / "relay.yaml"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.conftest import RelayProcess
 from tests.integration.test_artifacts import dashboard_metric_names
+from tests.support.relay import RelayProcess
 
 
 def exported_names(relay: RelayProcess) -> set[str]:

@@ -20,7 +20,7 @@ import uvloop
 from relay.egress import DialError
 from relay.egress.direct import CONNECTION_ATTEMPT_DELAY, connect_transport, happy_eyeballs
 from relay.resolver import Endpoint
-from tests.conftest import WAIT
+from tests.support.relay import WAIT
 
 V4, V6 = int(socket.AF_INET), int(socket.AF_INET6)
 LOOPBACK = {V4: "127.0.0.1", V6: "::1"}

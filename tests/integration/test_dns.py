@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CP_HOST, WAIT, RelayProcess, StartRelay, relay_config
-from tests.helpers import connect_reply
+from tests.support.helpers import connect_reply
+from tests.support.relay import CP_HOST, WAIT, RelayProcess, StartRelay, relay_config
 
 UPSTREAM_NAME = "upstream.test"  # RFC 6761: never delegated, not in /etc/hosts
 DNS_PORT = 53

@@ -20,7 +20,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import (
+from tests.support.helpers import connect_reply, connect_via, handshake_error, recv_all, silent_udp
+from tests.support.peers import Process, find_binary
+from tests.support.relay import (
     CP_HOST,
     WAIT,
     Certs,
@@ -30,8 +32,6 @@ from tests.conftest import (
     free_port,
     relay_config,
 )
-from tests.helpers import connect_reply, connect_via, handshake_error, recv_all, silent_udp
-from tests.integration.peers import Process, find_binary
 
 ZONE = "eu.cp0.konghq.com"
 LOOP = f"loop.{ZONE}"  # -> 127.0.0.1: the relay itself on its own ports

@@ -24,7 +24,8 @@ from relay import config, doctor
 from relay.egress import Dialer, Dialled
 from relay.egress.direct import DirectDialer
 from relay.resolver import resolver_for
-from tests.conftest import (
+from tests.support.helpers import relay_cli, silent_udp, write_config
+from tests.support.relay import (
     CP_HOST,
     RAW_HOST,
     TP_HOST,
@@ -36,7 +37,6 @@ from tests.conftest import (
     merge_config,
     relay_config,
 )
-from tests.helpers import relay_cli, silent_udp, write_config
 
 KONNECT = {"regions": ["eu"], "control_planes": ["dp-test"]}
 EXPIRY = re.compile(r"^(\d{4}-\d{2}-\d{2}) \((\d+) d\)$")

@@ -58,7 +58,23 @@ from relay.egress.ssh import (
 )
 from relay.resolver import Resolver
 from relay.tunnel import HIGH_WATER, Pending, Tunnel
-from tests.conftest import (
+from tests.integration.test_tunnels import (
+    connect_via,
+    open_tunnel,
+    recv_all,
+    recv_exactly,
+    tcp_peer,
+)
+from tests.support.helpers import curl_whoami
+from tests.support.peers import (
+    PROXY_PASSWORD,
+    PROXY_USER,
+    AsyncsshBastion,
+    Mitmdump,
+    Squid,
+    Sshd,
+)
+from tests.support.relay import (
     CP_HOST,
     RAW_HOST,
     TP_HOST,
@@ -69,22 +85,6 @@ from tests.conftest import (
     RelayProcess,
     free_port,
     relay_config,
-)
-from tests.helpers import curl_whoami
-from tests.integration.peers import (
-    PROXY_PASSWORD,
-    PROXY_USER,
-    AsyncsshBastion,
-    Mitmdump,
-    Squid,
-    Sshd,
-)
-from tests.integration.test_tunnels import (
-    connect_via,
-    open_tunnel,
-    recv_all,
-    recv_exactly,
-    tcp_peer,
 )
 
 T = TypeVar("T")

@@ -24,16 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    RAW_HOST,
-    WAIT,
-    RelayProcess,
-    StartRelay,
-    peer_config,
-    relay_config,
-    wait_until,
-)
-from tests.helpers import (
+from tests.support.helpers import (
     ESTABLISHED,
     ROOT,
     abort,
@@ -51,6 +42,15 @@ from tests.helpers import (
     slow_acceptor,
     start_dial,
     tcp_peer,
+)
+from tests.support.relay import (
+    RAW_HOST,
+    WAIT,
+    RelayProcess,
+    StartRelay,
+    peer_config,
+    relay_config,
+    wait_until,
 )
 
 MiB = 1024 * 1024

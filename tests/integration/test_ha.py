@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import WAIT, RelayProcess, StartRelay, free_port, peer_config, wait_until
-from tests.helpers import ROOT, echo, echoes, open_tunnel, tcp_peer
-from tests.integration.peers import find_binary
+from tests.support.helpers import ROOT, echo, echoes, open_tunnel, tcp_peer
+from tests.support.peers import find_binary
+from tests.support.relay import WAIT, RelayProcess, StartRelay, free_port, peer_config, wait_until
 
 EXAMPLE = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 CLIENTS = 6

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from relay.auth import hash_password
-from tests.conftest import CP_HOST, RAW_HOST, RelayProcess, relay_config
-from tests.helpers import MemoryTLS, dial, tcp_peer
+from tests.support.helpers import MemoryTLS, dial, tcp_peer
+from tests.support.relay import CP_HOST, RAW_HOST, RelayProcess, relay_config
 
 T = b"cloud.konghq.com:443"
 USER = "h0stile-user"

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FREE_PORT_FLOOR, require_tool
-from tests.helpers import CONSOLE_SCRIPT
+from tests.support.helpers import CONSOLE_SCRIPT
+from tests.support.relay import FREE_PORT_FLOOR, require_tool
 
 HARNESS = Path(
     os.environ.get("KONGCLIENT_DIR") or Path(__file__).parents[3] / "shared" / "kongclient"

@@ -21,18 +21,7 @@ import pytest
 import trustme
 
 from relay.konnect import TABLE
-from tests.conftest import (
-    CP_HOST,
-    RAW_HOST,
-    WAIT,
-    Certs,
-    FakeControlPlane,
-    RelayProcess,
-    StartRelay,
-    relay_config,
-    wait_until,
-)
-from tests.helpers import (
+from tests.support.helpers import (
     MemoryTLS,
     connect_reply,
     echo,
@@ -43,7 +32,18 @@ from tests.helpers import (
     whoami_over,
     write_config,
 )
-from tests.integration.peers import Squid, Sshd
+from tests.support.peers import Squid, Sshd
+from tests.support.relay import (
+    CP_HOST,
+    RAW_HOST,
+    WAIT,
+    Certs,
+    FakeControlPlane,
+    RelayProcess,
+    StartRelay,
+    relay_config,
+    wait_until,
+)
 
 IPS_HOST = "ip-addresses.origin.konghq.com"
 CP_TARGET = f"{CP_HOST}:443"

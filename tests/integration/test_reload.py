@@ -18,18 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    RAW_HOST,
-    WAIT,
-    Certs,
-    RelayProcess,
-    StartRelay,
-    cert_sha256,
-    free_port,
-    peer_config,
-    relay_config,
-)
-from tests.helpers import (
+from tests.support.helpers import (
     connect_via,
     echo,
     echoes,
@@ -39,6 +28,17 @@ from tests.helpers import (
     slow_acceptor,
     start_dial,
     tcp_peer,
+)
+from tests.support.relay import (
+    RAW_HOST,
+    WAIT,
+    Certs,
+    RelayProcess,
+    StartRelay,
+    cert_sha256,
+    free_port,
+    peer_config,
+    relay_config,
 )
 
 KEEP_HOST = "keep.example.test"  # a second plain-bytes host that stays allowed

@@ -25,23 +25,7 @@ from typing import Any
 import pytest
 
 from relay.auth import hash_password
-from tests.conftest import (
-    CP_HOST,
-    RAW_HOST,
-    TP_HOST,
-    WAIT,
-    Certs,
-    FakeControlPlane,
-    ListenerCerts,
-    RelayProcess,
-    StartRelay,
-    free_port,
-    peer_config,
-    relay_config,
-    require_tool,
-    wait_until,
-)
-from tests.helpers import (
+from tests.support.helpers import (
     ESTABLISHED,
     MemoryTLS,
     connect_head,
@@ -59,6 +43,22 @@ from tests.helpers import (
     tls_listen,
     whoami_over,
     write_config,
+)
+from tests.support.relay import (
+    CP_HOST,
+    RAW_HOST,
+    TP_HOST,
+    WAIT,
+    Certs,
+    FakeControlPlane,
+    ListenerCerts,
+    RelayProcess,
+    StartRelay,
+    free_port,
+    peer_config,
+    relay_config,
+    require_tool,
+    wait_until,
 )
 
 # A second control plane prefix in the same region: the fake control plane's

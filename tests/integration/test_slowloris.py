@@ -15,7 +15,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tests.conftest import (
+from tests.support.helpers import (
+    connect_head,
+    dial,
+    hold,
+    read_head,
+    recv_all,
+    tcp_peer,
+    tls_listen,
+)
+from tests.support.relay import (
     RAW_HOST,
     WAIT,
     Certs,
@@ -24,7 +33,6 @@ from tests.conftest import (
     peer_config,
     relay_config,
 )
-from tests.helpers import connect_head, dial, hold, read_head, recv_all, tcp_peer, tls_listen
 
 FLOOD = 2000
 PARTIAL = b"CONNECT raw.example.test:443 HTTP/1.1\r\nHost: raw.exa"

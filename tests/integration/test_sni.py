@@ -22,18 +22,7 @@ from typing import Any
 import pytest
 
 from relay import tlspeek
-from tests.conftest import (
-    CP_HOST,
-    TP_HOST,
-    WAIT,
-    Certs,
-    FakeControlPlane,
-    RelayProcess,
-    StartRelay,
-    free_port,
-    relay_config,
-)
-from tests.helpers import (
+from tests.support.helpers import (
     WHOAMI,
     MemoryTLS,
     curl_whoami,
@@ -46,6 +35,17 @@ from tests.helpers import (
     split_records,
     tcp_peer,
     write_config,
+)
+from tests.support.relay import (
+    CP_HOST,
+    TP_HOST,
+    WAIT,
+    Certs,
+    FakeControlPlane,
+    RelayProcess,
+    StartRelay,
+    free_port,
+    relay_config,
 )
 
 SNI_LISTENER = "dmz-sni"

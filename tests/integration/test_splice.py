@@ -39,7 +39,7 @@ import yaml
 
 from relay import splice
 from relay.tunnel import DRAINING, Pending, Tunnel
-from tests.conftest import RAW_HOST, WAIT, Certs, RelayProcess, relay_config
+from tests.support.relay import RAW_HOST, WAIT, Certs, RelayProcess, relay_config
 
 MiB = 1024 * 1024
 BULK = 200 * MiB  # per direction in the big transfer

@@ -10,22 +10,9 @@ import threading
 
 import pytest
 
-from tests.conftest import (
-    CP_HOST,
-    RAW_HOST,
-    WAIT,
-    Certs,
-    FakeControlPlane,
-    RelayProcess,
-    StartRelay,
-    peer_config,
-    relay_config,
-    wait_until,
-)
-
 # Some test modules import connect_via, open_tunnel, recv_all, recv_exactly and
 # tcp_peer from here; their home is tests.helpers.
-from tests.helpers import (
+from tests.support.helpers import (
     MemoryTLS,
     connect_reply,
     connect_via,
@@ -39,6 +26,18 @@ from tests.helpers import (
     recv_exactly,
     s_client_whoami,
     tcp_peer,
+)
+from tests.support.relay import (
+    CP_HOST,
+    RAW_HOST,
+    WAIT,
+    Certs,
+    FakeControlPlane,
+    RelayProcess,
+    StartRelay,
+    peer_config,
+    relay_config,
+    wait_until,
 )
 
 # --- mTLS end to end ---------------------------------------------------------------

@@ -31,16 +31,7 @@ from relay import config
 from relay.aggregate import aggregate, render
 from relay.workerconf import worker_count, worker_document
 from relay.workers import BACKOFF_CAP, Backoff
-from tests.conftest import (
-    RAW_HOST,
-    WAIT,
-    RelayProcess,
-    StartRelay,
-    parse_samples,
-    peer_config,
-    relay_config,
-)
-from tests.helpers import (
+from tests.support.helpers import (
     ROOT,
     connect_via,
     echo,
@@ -49,6 +40,15 @@ from tests.helpers import (
     relay_cli,
     tcp_peer,
     write_config,
+)
+from tests.support.relay import (
+    RAW_HOST,
+    WAIT,
+    RelayProcess,
+    StartRelay,
+    parse_samples,
+    peer_config,
+    relay_config,
 )
 
 UNIT = ROOT / "deploy" / "systemd" / "konnect-relay.service"

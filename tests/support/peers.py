@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import WAIT, LoopThread, free_port
+from tests.support.relay import WAIT, LoopThread, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROXY_USER, PROXY_PASSWORD = "user", "pass"

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import (
+from tests.support.relay import (
     CP_HOST,
     RAW_HOST,
     WAIT,
