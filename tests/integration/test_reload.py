@@ -33,6 +33,7 @@ from tests.support.relay import (
     RAW_HOST,
     WAIT,
     Certs,
+    ListenerCerts,
     RelayProcess,
     StartRelay,
     cert_sha256,
@@ -362,3 +363,78 @@ def test_unreadable_tls_files_fail_the_reload(
     tls.close()
     assert seen == first
     assert relay.sample("konnect_relay_config_reloads_total", result="error") == 1
+
+
+def test_a_reload_is_all_or_nothing_even_when_files_change_during_it(
+    certs: Certs, listener_certs: ListenerCerts, tmp_path: Path
+) -> None:
+    """A reload reads every TLS file once, before it changes anything. Here the
+    certificate is overwritten while the reload waits for a new SSH egress to
+    connect (a bastion that accepts and never answers): the reload completes
+    with what it read, and new handshakes keep working. (It used to read the
+    files again after the swap, fail half-way and leave the relay between two
+    configs.)"""
+    import asyncio
+    import io
+
+    import uvloop
+    import yaml
+
+    from relay import config
+    from relay.log import EventLog
+    from relay.server import Relay
+
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(listener_certs.cert.read_bytes())
+    key.write_bytes(listener_certs.key.read_bytes())
+    (tmp_path / "known_hosts").write_text("")
+    base = {
+        "listen": [{"address": "127.0.0.1:0", "tls": {"cert": str(cert), "key": str(key)}}],
+        "admin": {"address": None},
+        "allow": ["a.example.test"],
+        "resolver": {"allow_private": True},
+        "limits": {"drain_timeout": 0},
+    }
+
+    async def main() -> None:
+        hole = socket.socket()
+        hole.bind(("127.0.0.1", 0))
+        hole.listen()
+        hole.setblocking(False)
+        loop = asyncio.get_running_loop()
+        relay = Relay(config.build(base), EventLog(io.StringIO()))
+        await relay.start()
+        changed = {
+            **base,
+            "allow": ["b.example.test"],
+            "egress": {
+                "mode": "direct",
+                "ssh": {
+                    "host": "127.0.0.1",
+                    "port": hole.getsockname()[1],
+                    "username": "relay",
+                    "known_hosts": str(tmp_path / "known_hosts"),
+                    "connect_timeout": 2,
+                },
+                "routes": [{"match": ["*.unused.example.test"], "via": "ssh"}],
+            },
+        }
+        path = tmp_path / "relay.yaml"
+        path.write_text(yaml.safe_dump(changed))
+        reload = asyncio.ensure_future(relay.reload(str(path)))
+        accepted, _ = await asyncio.wait_for(loop.sock_accept(hole), WAIT)
+        cert.write_text("not a certificate any more\n")  # while the reload waits
+        assert await asyncio.wait_for(reload, WAIT) is True
+        assert relay.admission.decide(None, None, "127.0.0.1", "b.example.test", 443).via
+        port = relay.listeners.slots[0].listener.port
+        ctx = ssl.create_default_context(cafile=str(certs.ca_file))
+        _reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="localhost"
+        )
+        assert writer.get_extra_info("ssl_object") is not None
+        writer.close()
+        accepted.close()
+        hole.close()
+        await relay.drain()
+
+    uvloop.run(asyncio.wait_for(main(), WAIT * 2))
