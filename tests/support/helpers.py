@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from relay import doctor
 from tests.support.relay import (
     CP_HOST,
     RAW_HOST,
@@ -456,3 +457,19 @@ def nofile_prefix(n: int) -> list[str]:
     """A command prefix running the relay with RLIMIT_NOFILE ``n`` (``prlimit``
     execs it: the pid stays the relay's)."""
     return [require_tool("prlimit"), f"--nofile={n}:{n}", "--"]
+
+
+def parse_table(out: str) -> dict[str, dict[str, str]]:
+    """The table's rows keyed by host, each row's cells keyed by column name."""
+    lines = out.splitlines()
+    header = lines[0]
+    starts = [header.find(name) for name in doctor.COLUMNS]
+    assert -1 not in starts and starts == sorted(starts), header
+    rows = {}
+    for line in lines[1:]:
+        if not line:
+            break
+        ends = [*starts[1:], len(line)]
+        cells = [line[a:b].strip() for a, b in zip(starts, ends, strict=True)]
+        rows[cells[0]] = dict(zip(doctor.COLUMNS, cells, strict=True))
+    return rows
