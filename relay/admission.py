@@ -45,7 +45,7 @@ class Refuse:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per tunnel, and frozen costs a setattr per field
 class Dial:
     """Open a tunnel to ``host:port`` through egress ``via``."""
 
@@ -84,7 +84,7 @@ class Admission:
             return "fd_limit", "relay is at its open-file limit; retry shortly"
         return None
 
-    def credentials(self, header: bytes | None, target: str) -> str | Verify | Refuse | None:
+    def credentials(self, header: bytes | None) -> str | Verify | Refuse | None:
         """The proxy user (None without ``auth:``), VERIFY, or a 407 refusal."""
         auth = self.settings.auth
         if auth is None:
@@ -116,7 +116,6 @@ class Admission:
         """Policy for this client, report mode, limits and route; ``busy`` is
         the tunnels open and being dialled, ``per_client`` those per identity."""
         settings = self.settings
-        target = hostport(host, port)
         entry, pol = settings.policy_for(user, cert, client_ip)
         identity = user or cert or client_ip
         if pol is None:
@@ -153,7 +152,7 @@ class Admission:
             return Refuse(
                 403,
                 "route_denied",
-                f"egress.routes refuse {target}",
+                f"egress.routes refuse {hostport(host, port)}",
                 fields={"rule": decision.rule},
             )
         konnect = pol.konnect_rule(name) is not None

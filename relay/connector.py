@@ -52,9 +52,9 @@ class Connector:
         if conn.listener.sni:  # an SNI client sends no credentials
             self.admit(conn, request)
             return
-        target = format_target(request.host, request.port)
-        answer = relay.admission.credentials(request.proxy_authorization, target)
+        answer = relay.admission.credentials(request.proxy_authorization)
         if type(answer) is Refuse:
+            target = format_target(request.host, request.port)
             conn.refuse(answer.status, answer.reason, answer.detail, answer.headers, target)
         elif type(answer) is Verify:
             self.verify(conn, request, relay.admission)

@@ -38,7 +38,7 @@ class NeedData:
 NEED_DATA = NeedData()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per connection, frozen costs a setattr per field
 class Head:
     request: connect.ConnectRequest
     early: bytes
