@@ -36,7 +36,7 @@ from tests.support.relay import (
     wait_until,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "konnect-relay"
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 WHOAMI = f"GET /whoami HTTP/1.1\r\nHost: {CP_HOST}\r\nConnection: close\r\n\r\n"
