@@ -31,7 +31,7 @@ from relay.addresses import (
     parse_static_side,
 )
 from relay.auth import BasicAuth
-from relay.egress import EgressSettings, HttpProxySettings, SSHSettings
+from relay.egress import Dialer, EgressSettings, HttpProxySettings, SSHSettings
 from relay.policy import HostPattern, Policy
 from relay.schema import (
     DAYS,
@@ -200,6 +200,11 @@ class Settings:
             if any(p is None or p.matches(host, port) for p in patterns):
                 return via
         return self.egress
+
+    def dialer_for(self, dialers: Mapping[str, Dialer], host: str, port: int) -> Dialer | None:
+        """The dialer ``egress.routes`` picks for host:port; None for a deny route."""
+        via = self.route(host, port)
+        return None if via == "deny" else dialers.get(via)
 
     def policy_for(self, user: str | None, cert: str | None, ip: str) -> tuple[str, Policy | None]:
         """(client entry name, its policy); the top-level policy when no entry

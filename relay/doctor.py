@@ -342,8 +342,7 @@ async def konnect_ips_list(
             problems.append(str(fields.get("detail", "")))
 
     def dialer_for(host: str, port: int) -> Dialer | None:
-        via = settings.route(host, port)
-        return None if via == "deny" else dialers.get(via)
+        return settings.dialer_for(dialers, host, port)
 
     model = settings.konnect_ips
     feed = Feed(settings, dialer_for, log, KonnectIPsMetrics(CollectorRegistry()), lambda p: None)

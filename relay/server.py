@@ -90,8 +90,7 @@ class Relay:
 
     def _dialer_for(self, host: str, port: int) -> Dialer | None:
         """The relay's own fetches leave the way the routes send host:port."""
-        via = self.settings.route(host, port)
-        return None if via == "deny" else self.dialers.get(via)
+        return self.settings.dialer_for(self.dialers, host, port)
 
     def _set_pins(self, pins: KonnectPins | None) -> None:
         self.resolver.pins = pins

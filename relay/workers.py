@@ -194,8 +194,7 @@ class WorkerFeed:
         )
 
     def dialer_for(self, host: str, port: int) -> Dialer | None:
-        via = self.settings.route(host, port)
-        return None if via == "deny" else self.dialers.get(via)
+        return self.settings.dialer_for(self.dialers, host, port)
 
     async def _dialers(self, settings: Settings) -> None:
         for dialer in self.dialers.values():
