@@ -30,6 +30,7 @@ from typing import Any
 from relay.config import MINUTES, SECONDS, Settings
 from relay.egress import Dialer
 from relay.fetch import FetchError, Target, https_get
+from relay.files import write_atomically
 from relay.konnect import MESH_GEOS
 from relay.konnect_ips import MAX_DOCUMENT_SIZE, IPList, IPListError, parse_document
 from relay.metrics import KonnectIPsMetrics
@@ -58,23 +59,6 @@ def _diff(old: IPList | None, new: IPList) -> tuple[list[str], list[str]]:
     before = old.texts() if old is not None else frozenset()
     after = new.texts()
     return sorted(after - before), sorted(before - after)
-
-
-def write_atomically(path: str, data: bytes, mtime: float | None = None) -> None:
-    """Write aside, flush to disk, rename over: a reader sees the old file or the new."""
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        if mtime is not None:
-            os.utime(tmp, (mtime, mtime))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Feed:
@@ -251,7 +235,7 @@ class Feed:
         if path is None:
             return
         try:
-            write_atomically(path, data, fetched_at)
+            write_atomically(path, data, mode=0o644, mtime=fetched_at)
         except OSError as exc:
             self.log("konnect_ips_cache_failed", cache_file=path, error=str(exc))
 

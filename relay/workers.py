@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.aggregate import aggregate, cumulative, render
 from relay.config import SECONDS, Settings
 from relay.egress import Dialer, make_dialers
-from relay.konnect_ips_feed import Feed, write_atomically
+from relay.files import write_atomically
+from relay.konnect_ips_feed import Feed
 from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
 from relay.resolver import resolver_for
@@ -222,7 +223,7 @@ class WorkerFeed:
     def hand_over(self, data: bytes, fetched_at: float) -> None:
         """Pass an accepted document to the workers (file, then SIGUSR1)."""
         try:
-            write_atomically(self.path, data, fetched_at)
+            write_atomically(self.path, data, mode=0o600, mtime=fetched_at)
         except OSError as exc:
             self.log("konnect_ips_cache_failed", cache_file=self.path, error=str(exc))
             return
