@@ -758,6 +758,7 @@ def machine() -> dict[str, Any]:
 class Results:
     profile: Profile
     proxies: list[str]
+    bulk: bool = True  # False: setup figures only (``--setup-only``)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def add(self, proxy: str, figure: str, record: dict[str, Any]) -> None:
@@ -787,7 +788,7 @@ def run_throughput(res: Results, sink: Sink, workdir: Path, stack: contextlib.Ex
             stack.callback(target.server.stop)
         targets.append(target)
     for rep in range(prof.reps):
-        for direction in ("up", "down"):
+        for direction in ("up", "down") if res.bulk else ():
             for tunnels in BULK_TUNNELS:
                 fig = bulk_figure(direction, tunnels)
                 for target in targets:
@@ -844,7 +845,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     compile_loadgen()
     background = core_busy(0.2 if args.smoke else 1.0)
-    res = Results(prof, proxies)
+    res = Results(prof, proxies, bulk=not args.setup_only)
     workdir = Path(tempfile.mkdtemp(prefix="konnect-bench-"))
     workdir.chmod(0o755)
     try:
@@ -852,7 +853,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sink = Sink()
             stack.callback(sink.stop)
             run_throughput(res, sink, workdir, stack)
-            run_memory(res, sink, workdir)
+            if not args.setup_only:
+                run_memory(res, sink, workdir)
     finally:
         if args.keep:
             log(f"kept {workdir}")
@@ -862,6 +864,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "schema": 1,
         "mode": prof.name,
+        "figures": "setup" if args.setup_only else "all",
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - t0, 1),
         "machine": machine(),
@@ -1145,6 +1148,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(ALL_PROXIES)}",
     )
     p.add_argument("--out", default=str(BENCH / "out"), help="directory for results.json/.md")
+    p.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="only the tunnel setup figures (no bulk, no idle memory): a setup change in minutes",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     p.add_argument(
         "--baseline",

@@ -68,7 +68,7 @@ class TunnelBook:
         self.tunnels[tunnel.id] = tunnel
         self.empty.clear()
         host = tunnel.label
-        series = self.metrics.host(host)
+        series = tunnel.series = self.metrics.host(host)
         series.opened += 1
         series.active += 1
         last = self.last_closed.get((tunnel.client, host))
@@ -80,7 +80,8 @@ class TunnelBook:
         if self.tunnels.pop(tunnel.id, None) is None:
             return
         host = tunnel.label
-        series = self.metrics.host(host)
+        series = tunnel.series
+        assert series is not None  # set by opened()
         now = time.monotonic()
         reason = tunnel.close_reason or "error"
         self.fold(tunnel)
@@ -137,7 +138,8 @@ class TunnelBook:
         """Move a tunnel's byte counts since the last fold into Prometheus."""
         up, down = tunnel.bytes_up, tunnel.bytes_down
         if up != tunnel.folded_up or down != tunnel.folded_down:
-            series = self.metrics.host(tunnel.label)
+            series = tunnel.series
+            assert series is not None  # set by opened()
             series.up += up - tunnel.folded_up
             series.down += down - tunnel.folded_down
             tunnel.folded_up, tunnel.folded_down = up, down

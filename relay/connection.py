@@ -20,6 +20,8 @@ Phases (one field, ``phase``; one deadline at a time, ``deadline``):
 
 The head deadline runs from accept, so on a TLS listener it covers the
 handshake too (the event loop calls ``connection_made`` only after it).
+Deadlines are entries in the relay's shared queues (deadlines.py), not a
+timer per connection.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from relay import connect, tlspeek
+from relay.deadlines import Deadline
+from relay.egress import Dialing
 from relay.head import Head, HeadReader, Refusal
 from relay.hostport import hostport
 from relay.listeners import Listener, cert_name
@@ -92,8 +96,8 @@ class ClientConnection(asyncio.Protocol):
         self.cert: str | None = None
         self.user: str | None = None
         self.identity = ""
-        self.deadline: asyncio.TimerHandle | None = None  # the current phase's
-        self.task: asyncio.Task[None] | None = None  # credential check or dial
+        self.deadline: Deadline | None = None  # the current phase's (relay.deadlines)
+        self.task: Dialing | asyncio.Task[None] | None = None  # credential check or dial
         self.expired = False  # DIALING's deadline passed (not the client going away)
         self.client_eof = False  # EOF after the head: forwarded once the tunnel is up
         self.over_limit: tuple[str, str] | None = None
@@ -188,7 +192,7 @@ class ClientConnection(asyncio.Protocol):
     def _wait_head(self) -> None:
         relay = self.relay
         relay.pending.add(self)
-        self.deadline = relay.loop.call_later(relay.settings.limits.head_timeout, self.head_timeout)
+        self.deadline = relay.deadlines.add(relay.settings.limits.head_timeout, self.head_timeout)
 
     def _end_wait(self) -> None:
         """Leave the head phase: no longer pending, its deadline off."""
@@ -217,11 +221,10 @@ class ClientConnection(asyncio.Protocol):
             return
         self.refuse(408, "head_timeout", f"request head not received within {limit:g} s")
 
-    def dialing(self, task: asyncio.Task[None], timeout: float) -> None:
-        """Enter DIALING: ``task`` dials, within ``timeout`` seconds."""
+    def dialing(self, timeout: float) -> None:
+        """Enter DIALING: the connector dials (``task``), within ``timeout`` seconds."""
         self.phase = Phase.DIALING
-        self.task = task
-        self.deadline = self.relay.loop.call_later(timeout, self.expire)
+        self.deadline = self.relay.deadlines.add(timeout, self.expire)
 
     def expire(self) -> None:
         """limits.connect_timeout passed while dialling: stop the dial."""
@@ -272,7 +275,7 @@ class ClientConnection(asyncio.Protocol):
             transport.write_eof()
             self.phase = Phase.LINGERING
             transport.resume_reading()
-            self.deadline = relay.loop.call_later(LINGER_TIMEOUT, transport.close)
+            self.deadline = relay.deadlines.add(LINGER_TIMEOUT, transport.close)
         else:
             transport.close()
 

@@ -31,7 +31,11 @@ json_string: Callable[[str], str] = encode_basestring_ascii
 
 def json_fields(fields: dict[str, Any]) -> str:
     """``,"key":value`` for each field, as the line encoder writes them."""
-    return "".join(f",{encode_basestring_ascii(k)}:{_encode(v)}" for k, v in fields.items())
+    return "".join(
+        f",{encode_basestring_ascii(k)}:"
+        f"{encode_basestring_ascii(v) if type(v) is str else _encode(v)}"
+        for k, v in fields.items()
+    )
 
 
 # The longest a line waits in memory: what a crash (SIGKILL, OOM) can lose, and

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -189,21 +190,56 @@ class Resolver:
 
     async def resolve(self, host: str, port: int) -> list[Endpoint]:
         """Checked endpoints for host:port, in the order Happy Eyeballs should try."""
+        endpoints = self.resolve_now(host, port)
+        if endpoints is not None:
+            return endpoints
+        target = static_target(self.static, host, port)
+        address, port = target if target is not None else (host, port)
+        pins = self._pins_for(host) if self.pins is not None else None
+        return self._check(host, address, port, await self._lookup(address), pins)
+
+    def resolve_now(self, host: str, port: int) -> list[Endpoint] | None:
+        """What ``resolve`` answers, when it needs no wait: a literal address, a
+        static mapping onto one, or a name in the cache; None when a lookup is
+        due. A dial then costs no coroutine for the resolver (most of the
+        relay's dials, behind a static map or a cached name)."""
         name = host
         target = static_target(self.static, host, port)
         if target is not None:
             host, port = target
+        pins = self._pins_for(name) if self.pins is not None else None
+        addrs = self._literals.get(host)
+        if addrs is None:
+            addrs = self._known(host)
+            if addrs is None:
+                return None
+        return self._check(name, host, port, addrs, pins)
+
+    def _pins_for(self, name: str) -> KonnectPins | None:
+        """Kong's list, for the names of the Konnect table only (other names are
+        not pinned by it); raises while an enforced list has not arrived."""
         pins = self.pins
-        if pins is not None and not is_konnect_host(name):
-            pins = None  # only the names of the Konnect table are pinned by Kong's list
-        if pins is not None and pins.ips is None and pins.mode == "enforce":
+        if pins is None or not is_konnect_host(name):
+            return None
+        if pins.ips is None and pins.mode == "enforce":
             raise ResolveError(
                 "konnect_ips_unavailable",
                 f"{name}: Konnect's ingress address list (resolver.konnect_ips) has not "
                 "been fetched yet and no cache_file holds one; retry shortly",
                 status=503,
             )
-        addrs = await self._lookup(host)
+        return pins
+
+    def _check(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        addrs: tuple[tuple[int, str], ...],
+        pins: KonnectPins | None,
+    ) -> list[Endpoint]:
+        """The addresses ``name`` resolved to (through ``host``), checked
+        (``pins``: Kong's list when it applies to ``name``)."""
         endpoints, refused, unpinned = [], [], []
         for family, address in addrs:
             ip, kind, pinned = self._verdict(address)
@@ -279,7 +315,8 @@ class Resolver:
                 return True
         return False
 
-    async def _lookup(self, host: str) -> tuple[tuple[int, str], ...]:
+    def _known(self, host: str) -> tuple[tuple[int, str], ...] | None:
+        """The addresses of an address literal, or of a name in the cache."""
         literal = self._literals.get(host)
         if literal is not None:
             return literal
@@ -294,12 +331,20 @@ class Resolver:
             literal = self._literals[host] = ((family, str(ip)),)
             return literal
         if self._dns is not None:
+            return None  # resolver.nameservers: every lookup asks them
+        cached = self._cache.get(host)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        return None
+
+    async def _lookup(self, host: str) -> tuple[tuple[int, str], ...]:
+        known = self._known(host)
+        if known is not None:
+            return known
+        if self._dns is not None:
             return await _dns_lookup(self._dns, host)
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        cached = self._cache.get(host)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        now = time.monotonic()
         try:
             infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:

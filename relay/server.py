@@ -11,6 +11,7 @@ binds and rebinds. Every task is held in a ``TaskSet`` until it ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import time
 
@@ -21,6 +22,7 @@ from relay.book import CLOSE_LINGER, TunnelBook
 from relay.config import Settings
 from relay.connection import ClientConnection
 from relay.connector import Connector
+from relay.deadlines import Deadlines
 from relay.egress import Dialer, make_dialers
 from relay.konnect_ips_feed import Feed, unpinned_egresses
 from relay.listeners import ListenError, Listeners
@@ -55,6 +57,7 @@ class Relay:
         self.resolver = resolver_for(settings)
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.tasks = TaskSet(self.loop)
+        self.deadlines = Deadlines(self.loop)  # the connections' phase deadlines
         self.pending: set[ClientConnection] = set()  # connections still sending their head
         self.metrics.pending_heads = lambda: len(self.pending)
         self.book = TunnelBook(
@@ -209,6 +212,9 @@ class Relay:
         self.log("draining", tunnels=len(self.book), timeout_s=timeout)
         try:
             await self.tasks.wait(timeout)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self.connector.quiet()  # dials that run without a task
             try:
                 async with asyncio.timeout_at(deadline):
                     await self.book.empty.wait()
@@ -231,6 +237,7 @@ class Relay:
             await dialer.close()
         self.admin.close()
         self.tasks.cancel()
+        self.deadlines.close()
         self.connector.close()
         self.log("stopped")
         self.log.flush()
@@ -282,6 +289,7 @@ def admin_routes(relay: Relay) -> dict[str, Handler]:
                 "loop_tasks": len(asyncio.all_tasks(relay.loop)),
                 "dialing": relay.connector.dialing,
                 "pending_heads": len(relay.pending),
+                "deadlines": len(relay.deadlines),
                 "tunnels": len(relay.book),
             }
         )

@@ -114,7 +114,10 @@ def plain_tcp(transport: Any) -> bool:
     """True for a transport that owns a plain TCP socket: no TLS layer (a TLS
     listener, a TLS parent proxy), no SSH channel, no Unix socket. Only these
     can be taken over; anything else stays on the transport path."""
-    if type(transport).__name__ not in _PLAIN_TRANSPORTS:
+    kind = type(transport).__name__
+    if kind == "TCPTransport":
+        return True  # uvloop's: TCP only, never TLS (its TLS transport is another class)
+    if kind != "_SelectorSocketTransport":  # asyncio's, for TCP and Unix sockets
         return False
     if transport.get_extra_info("sslcontext") is not None:
         return False
@@ -122,12 +125,6 @@ def plain_tcp(transport: Any) -> bool:
     # extra: uvloop creates and keeps an object per transport for it, memory
     # every idle tunnel would carry.)
     return isinstance(transport.get_extra_info("peername"), tuple)
-
-
-# uvloop's TCP transport, and asyncio's selector transport (also used for Unix
-# sockets, which the peer-address check excludes). TLS transports wrap one of
-# these and are a different class.
-_PLAIN_TRANSPORTS = frozenset({"TCPTransport", "_SelectorSocketTransport"})
 
 
 # tcp_states.h. A socket whose peer ended with a FIN sits in CLOSE_WAIT until

@@ -231,17 +231,19 @@ def _one_record(
         if p + 2 > end or p + 2 + ((buf[p] << 8) | buf[p + 1]) != end:
             return None
         p += 2
-        seen: set[int] = set()
+        types: list[int] = []  # a repeated type is checked once, after the walk
         while p < end:
             if p + 4 > end:
                 return None
             ext_type, size = _two_u16(buf, p)
             p += 4
             q = p + size
-            if q > end or ext_type in seen:
+            if q > end:
                 return None
-            seen.add(ext_type)
-            if ext_type == EXT_SERVER_NAME:
+            types.append(ext_type)
+            if ext_type not in _FAST_READS:
+                pass
+            elif ext_type == EXT_SERVER_NAME:
                 # One host_name entry filling the list filling the extension.
                 if (
                     p + 5 > q
@@ -273,6 +275,8 @@ def _one_record(
                     return None
                 versions = struct.unpack_from(f">{count // 2}H", buf, p + 1)
             p = q
+        if len(set(types)) != len(types):
+            return None  # the full parser names the repeated extension
     return ClientHello(
         server_name=server_name,
         alpn=alpn,
@@ -281,6 +285,9 @@ def _one_record(
         record_bytes=end,
     )
 
+
+# The extensions the fast path reads; it only walks past the others.
+_FAST_READS = frozenset({EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_VERSIONS})
 
 # Extension type and length in one call: the walk over a hello's extensions is
 # most of the fast path's work.

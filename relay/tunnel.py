@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 
 from relay import splice, switch, tlspeek
+from relay.deadlines import Deadline, Deadlines
+from relay.metrics import HostSeries
 
 # Per-direction write-buffer watermarks. 256 KiB keeps a 10 Gb/s loopback pipe
 # full while bounding a tunnel to ~0.5 MiB of user-space buffering even when a
@@ -142,16 +144,12 @@ class PeekHello(asyncio.Protocol):
     __slots__ = ("buf", "expect", "timer", "tunnel")
 
     def __init__(
-        self,
-        tunnel: Tunnel,
-        expect: str | None,
-        timeout: float,
-        loop: asyncio.AbstractEventLoop,
+        self, tunnel: Tunnel, expect: str | None, timeout: float, deadlines: Deadlines
     ) -> None:
         self.tunnel = tunnel
         self.expect = expect
         self.buf = b""
-        self.timer: asyncio.TimerHandle | None = loop.call_later(timeout, self.fail, "tls_timeout")
+        self.timer: Deadline | None = deadlines.add(timeout, self.timed_out)
 
     def data_received(self, data: bytes) -> None:
         self.buf = self.buf + data if self.buf else data
@@ -181,6 +179,10 @@ class PeekHello(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.cancel_timer()
         self.tunnel.side_lost(self.tunnel.client_side, exc)
+
+    def timed_out(self) -> None:
+        self.timer = None
+        self.fail("tls_timeout")
 
     def cancel_timer(self) -> None:
         if self.timer is not None:
@@ -219,6 +221,7 @@ class Tunnel:
         "opened_mono",
         "port",
         "seen_bytes",
+        "series",
         "switch_at",
         "upstream_side",
         "who",
@@ -236,7 +239,8 @@ class Tunnel:
         self.id = next(_ids)
         self.client = client
         self.host = host
-        self.label = host  # the metrics label (bounded; see server.REPORT_HOST_LABEL)
+        self.label = host  # the metrics label (bounded; see connector.REPORT_HOST_LABEL)
+        self.series: HostSeries | None = None  # its metrics, once the book has it
         self.port = port
         self.who: tuple[str | None, str | None, str] = (None, None, client)
         self.egress = egress

@@ -13,7 +13,7 @@ import asyncio
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from relay.resolver import Resolver
@@ -84,6 +84,19 @@ class Dialled:
     would_deny: str = ""
 
 
+class Dialing(Protocol):
+    """A dial in progress that ``Dialer.dial_now`` started (or a task)."""
+
+    def cancel(self) -> object: ...
+
+    def done(self) -> bool: ...
+
+
+# dial_now's callback: (the connection, None) or (None, the exception:
+# DialError, or CancelledError once cancelled), called exactly once.
+DialDone = Callable[["Dialled | None", "BaseException | None"], object]
+
+
 class Dialer(abc.ABC):
     """One way out. Implementations: direct, http_proxy, ssh."""
 
@@ -93,6 +106,14 @@ class Dialer(abc.ABC):
     @abc.abstractmethod
     async def dial(self, host: str, port: int, protocol: asyncio.Protocol) -> Dialled:
         """Connect to host:port with ``protocol`` attached; raise DialError."""
+
+    def dial_now(
+        self, host: str, port: int, protocol: asyncio.Protocol, done: DialDone
+    ) -> Dialing | None:
+        """Start the same dial driven by callbacks, when this dialer can do it
+        without a task (no coroutine of its own to wait on); ``done`` reports the
+        outcome, possibly before this returns. None: use ``dial`` on a task."""
+        return None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Begin long-lived work (an SSH connection, say); must not block for long."""

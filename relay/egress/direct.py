@@ -7,9 +7,9 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from relay.egress import Dialer, DialError, Dialled, classify
+from relay.egress import DialDone, Dialer, DialError, Dialing, Dialled, classify
 from relay.resolver import Endpoint, ResolveError, Resolver
 from relay.tasks import TaskSet
 
@@ -125,8 +125,12 @@ async def connect_transport(
     loop: asyncio.AbstractEventLoop | None = None,
 ) -> tuple[asyncio.Transport, Endpoint]:
     """Happy Eyeballs returning a transport with ``protocol`` attached."""
-    if len(endpoints) == 1:  # the common case: no holder, no hand-over
-        return await _race(endpoints, lambda e: connect_one(e, protocol, loop), _abort, delay)
+    if len(endpoints) == 1:  # the common case: no race, no holder, no hand-over
+        endpoint = endpoints[0]
+        try:
+            return await connect_one(endpoint, protocol, loop), endpoint
+        except OSError as exc:
+            raise classify(exc, str(endpoint)) from None
     holders: dict[Endpoint, _Attempt] = {}
 
     def attempt(endpoint: Endpoint) -> Awaitable[asyncio.Transport]:
@@ -154,6 +158,72 @@ def _hand_over(
     return transport
 
 
+class Connecting:
+    """One connect through the event loop's ``create_connection``, stepped on the
+    futures that coroutine awaits, as a task would step it, but without a task,
+    its registration and the coroutine frames of ``dial`` around it: the direct
+    dialer's common case, one checked address known without a lookup.
+    ``cancel()`` cancels the future being awaited; the coroutine then closes
+    what it opened and raises CancelledError, which ``done`` receives."""
+
+    __slots__ = ("_coro", "_done", "_endpoint", "_finished", "_loop", "_waiting")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        endpoint: Endpoint,
+        protocol: asyncio.Protocol,
+        done: DialDone,
+    ) -> None:
+        self._loop = loop
+        self._endpoint = endpoint
+        self._done = done
+        self._finished = False
+        self._waiting: asyncio.Future[Any] | None = None
+        self._coro = loop.create_connection(lambda: protocol, endpoint.address, endpoint.port)
+        self._step()
+
+    def _step(self, _awaited: object = None) -> None:
+        if self._finished:
+            return  # cancelled between steps
+        self._waiting = None
+        try:
+            awaited = self._coro.send(None)
+        except StopIteration as stop:
+            endpoint = self._endpoint
+            dialled = Dialled(
+                stop.value[0], str(endpoint), keepalive=True, would_deny=endpoint.would_deny
+            )
+            self._finish(dialled, None)
+        except OSError as exc:
+            self._finish(None, classify(exc, str(self._endpoint)))
+        except BaseException as exc:  # CancelledError once cancelled
+            self._finish(None, exc)
+        else:
+            if awaited is None:  # a bare yield: step again on the next iteration
+                self._loop.call_soon(self._step)
+            else:
+                self._waiting = awaited
+                awaited.add_done_callback(self._step)
+
+    def _finish(self, dialled: Dialled | None, exc: BaseException | None) -> None:
+        self._finished = True
+        self._done(dialled, exc)
+
+    def cancel(self) -> bool:
+        if self._finished:
+            return False
+        if self._waiting is not None:
+            self._waiting.cancel()  # its callback steps the coroutine into CancelledError
+        else:
+            self._coro.close()  # between steps: nothing is open yet
+            self._finish(None, asyncio.CancelledError())
+        return True
+
+    def done(self) -> bool:
+        return self._finished
+
+
 class DirectDialer(Dialer):
     """Connects from this host to the destination's checked addresses."""
 
@@ -165,6 +235,17 @@ class DirectDialer(Dialer):
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+
+    def dial_now(
+        self, host: str, port: int, protocol: asyncio.Protocol, done: DialDone
+    ) -> Dialing | None:
+        try:
+            endpoints = self.resolver.resolve_now(host, port)
+        except ResolveError:
+            return None  # dial() gives the answer
+        if endpoints is None or len(endpoints) != 1 or self.loop is None:
+            return None  # a lookup to wait for, or addresses to race
+        return Connecting(self.loop, endpoints[0], protocol, done)
 
     async def dial(self, host: str, port: int, protocol: asyncio.Protocol) -> Dialled:
         try:
