@@ -20,8 +20,8 @@ Phases (one field, ``phase``; one deadline at a time, ``deadline``):
 
 The head deadline runs from accept, so on a TLS listener it covers the
 handshake too (the event loop calls ``connection_made`` only after it).
-Deadlines are entries in the relay's shared queues (deadlines.py), not a
-timer per connection.
+A phase's deadline is its membership in one of the relay's ``Waiting`` sets
+(deadlines.py: one timer per phase), not a timer per connection.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from relay import connect, tlspeek
-from relay.deadlines import Deadline
 from relay.egress import Dialing
 from relay.head import Head, HeadReader, Refusal
 from relay.hostport import hostport
@@ -71,7 +70,6 @@ class ClientConnection(asyncio.Protocol):
         "cert",
         "client_eof",
         "client_ip",
-        "deadline",
         "expired",
         "identity",
         "listener",
@@ -96,7 +94,6 @@ class ClientConnection(asyncio.Protocol):
         self.cert: str | None = None
         self.user: str | None = None
         self.identity = ""
-        self.deadline: Deadline | None = None  # the current phase's (relay.deadlines)
         self.task: Dialing | asyncio.Task[None] | None = None  # credential check or dial
         self.expired = False  # DIALING's deadline passed (not the client going away)
         self.client_eof = False  # EOF after the head: forwarded once the tunnel is up
@@ -190,23 +187,33 @@ class ClientConnection(asyncio.Protocol):
     # --- deadlines ----------------------------------------------------------------------
 
     def _wait_head(self) -> None:
-        relay = self.relay
-        relay.pending.add(self)
-        self.deadline = relay.deadlines.add(relay.settings.limits.head_timeout, self.head_timeout)
+        self.relay.pending.add(self)  # limits.head_timeout from now
 
     def _end_wait(self) -> None:
         """Leave the head phase: no longer pending, its deadline off."""
-        if self.phase is Phase.HEAD or self.phase is Phase.HANDSHAKE:
-            self._cancel_deadline()
         self.relay.pending.discard(self)
 
     def _cancel_deadline(self) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
+        """Leave DIALING's or LINGERING's wait."""
+        phase = self.phase
+        if phase is Phase.DIALING:
+            self.relay.dials.discard(self)
+        elif phase is Phase.LINGERING:
+            self.relay.lingering.discard(self)
+
+    @property
+    def deadline(self) -> float | None:
+        """When the current phase's wait ends (loop time), None without one."""
+        relay, phase = self.relay, self.phase
+        if phase is Phase.HEAD or phase is Phase.HANDSHAKE:
+            return relay.pending.deadline(self)
+        if phase is Phase.DIALING:
+            return relay.dials.deadline(self)
+        if phase is Phase.LINGERING:
+            return relay.lingering.deadline(self)
+        return None
 
     def head_timeout(self) -> None:
-        self.deadline = None
         limit = self.relay.settings.limits.head_timeout
         if self.phase is Phase.HANDSHAKE:
             # The event loop ran the handshake and never handed over a transport:
@@ -221,14 +228,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self.refuse(408, "head_timeout", f"request head not received within {limit:g} s")
 
-    def dialing(self, timeout: float) -> None:
-        """Enter DIALING: the connector dials (``task``), within ``timeout`` seconds."""
+    def dialing(self) -> None:
+        """Enter DIALING: the connector dials (``task``), within limits.connect_timeout."""
         self.phase = Phase.DIALING
-        self.deadline = self.relay.deadlines.add(timeout, self.expire)
+        self.relay.dials.add(self)
 
     def expire(self) -> None:
         """limits.connect_timeout passed while dialling: stop the dial."""
-        self.deadline = None
         self.expired = True
         if self.task is not None:
             self.task.cancel()
@@ -275,9 +281,13 @@ class ClientConnection(asyncio.Protocol):
             transport.write_eof()
             self.phase = Phase.LINGERING
             transport.resume_reading()
-            self.deadline = relay.deadlines.add(LINGER_TIMEOUT, transport.close)
+            relay.lingering.add(self)  # LINGER_TIMEOUT, then linger_over()
         else:
             transport.close()
+
+    def linger_over(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def log_request(
         self, target: str, allowed: bool, status: int, reason: str, **fields: Any

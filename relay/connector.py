@@ -86,7 +86,7 @@ class Connector:
         assert type(answer) is Dial
         if answer.would_deny:
             relay.metrics.would_deny.labels(answer.decision.reason.value).inc()
-        self.dial(conn, answer, relay.dialers[answer.via], relay.settings.limits.connect_timeout)
+        self.dial(conn, answer, relay.dialers[answer.via])
 
     # --- credentials ----------------------------------------------------------------
 
@@ -124,13 +124,13 @@ class Connector:
 
     # --- the dial -------------------------------------------------------------------
 
-    def dial(self, conn: ClientConnection, dial: Dial, dialer: Dialer, timeout: float) -> None:
-        """Dial through ``dialer`` within ``timeout``: driven by callbacks when the
-        dialer can (the direct dialer to an address it knows), else on a task."""
+    def dial(self, conn: ClientConnection, dial: Dial, dialer: Dialer) -> None:
+        """Dial through ``dialer`` within limits.connect_timeout: driven by callbacks
+        when the dialer can (the direct dialer to an address it knows), else on a task."""
         relay = self.relay
         relay.book.reserve(dial.identity)
         self.dialing += 1
-        conn.dialing(timeout)
+        conn.dialing()
         attempt = _Attempt(self, conn, dial, dialer)
         handle = dialer.dial_now(dial.host, dial.port, attempt.pending, attempt.done)
         if handle is None:
@@ -283,8 +283,7 @@ class _Attempt:
             peek = PeekHello(
                 tunnel,
                 host if settings.check_sni else None,
-                settings.limits.tls_peek_timeout,
-                relay.deadlines,
+                relay.hellos,
             )
         tunnel.start(client, dialled.transport, early, self.pending, dialled.leftover, peek)
         tunnel.keepalive_due = dialled.keepalive

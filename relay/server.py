@@ -20,9 +20,9 @@ from relay.admin import AdminServer, Handler, Reply, json_reply, text
 from relay.admission import Admission
 from relay.book import CLOSE_LINGER, TunnelBook
 from relay.config import Settings
-from relay.connection import ClientConnection
+from relay.connection import LINGER_TIMEOUT, ClientConnection
 from relay.connector import Connector
-from relay.deadlines import Deadlines
+from relay.deadlines import Waiting
 from relay.egress import Dialer, make_dialers
 from relay.konnect_ips_feed import Feed, unpinned_egresses
 from relay.listeners import ListenError, Listeners
@@ -31,6 +31,7 @@ from relay.metrics import Metrics
 from relay.notify import notify
 from relay.resolver import KonnectPins, resolver_for
 from relay.tasks import TaskSet
+from relay.tunnel import PeekHello
 
 # Upper bound on the idle sweep period (idle detection and last_activity are
 # accurate to one period).
@@ -57,8 +58,21 @@ class Relay:
         self.resolver = resolver_for(settings)
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.tasks = TaskSet(self.loop)
-        self.deadlines = Deadlines(self.loop)  # the connections' phase deadlines
-        self.pending: set[ClientConnection] = set()  # connections still sending their head
+        # One deadline per phase (deadlines.py): connections still sending their
+        # head, dialling, lingering after a refusal; tunnels awaiting a ClientHello.
+        # The durations are read when a timer fires (a reload may change them).
+        self.pending: Waiting[ClientConnection] = Waiting(
+            self.loop, lambda: self.settings.limits.head_timeout, ClientConnection.head_timeout
+        )
+        self.dials: Waiting[ClientConnection] = Waiting(
+            self.loop, lambda: self.settings.limits.connect_timeout, ClientConnection.expire
+        )
+        self.lingering: Waiting[ClientConnection] = Waiting(
+            self.loop, lambda: LINGER_TIMEOUT, ClientConnection.linger_over
+        )
+        self.hellos: Waiting[PeekHello] = Waiting(
+            self.loop, lambda: self.settings.limits.tls_peek_timeout, PeekHello.timed_out
+        )
         self.metrics.pending_heads = lambda: len(self.pending)
         self.book = TunnelBook(
             self.metrics, self.log, lambda: self.settings.limits.reconnect_window
@@ -237,7 +251,8 @@ class Relay:
             await dialer.close()
         self.admin.close()
         self.tasks.cancel()
-        self.deadlines.close()
+        for waiting in (self.pending, self.dials, self.lingering, self.hellos):
+            waiting.close()
         self.connector.close()
         self.log("stopped")
         self.log.flush()
@@ -289,7 +304,9 @@ def admin_routes(relay: Relay) -> dict[str, Handler]:
                 "loop_tasks": len(asyncio.all_tasks(relay.loop)),
                 "dialing": relay.connector.dialing,
                 "pending_heads": len(relay.pending),
-                "deadlines": len(relay.deadlines),
+                "dials_waiting": len(relay.dials),
+                "lingering": len(relay.lingering),
+                "hellos_waiting": len(relay.hellos),
                 "tunnels": len(relay.book),
             }
         )

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 
 from relay import splice, switch, tlspeek
-from relay.deadlines import Deadline, Deadlines
+from relay.deadlines import Waiting
 from relay.metrics import HostSeries
 
 # Per-direction write-buffer watermarks. 256 KiB keeps a 10 Gb/s loopback pipe
@@ -141,15 +141,14 @@ class PeekHello(asyncio.Protocol):
     CONNECT host). The parser bounds the buffer (tlspeek.MAX_CLIENT_HELLO).
     """
 
-    __slots__ = ("buf", "expect", "timer", "tunnel")
+    __slots__ = ("buf", "expect", "tunnel", "waiting")
 
-    def __init__(
-        self, tunnel: Tunnel, expect: str | None, timeout: float, deadlines: Deadlines
-    ) -> None:
+    def __init__(self, tunnel: Tunnel, expect: str | None, waiting: Waiting[PeekHello]) -> None:
         self.tunnel = tunnel
         self.expect = expect
         self.buf = b""
-        self.timer: Deadline | None = deadlines.add(timeout, self.timed_out)
+        self.waiting = waiting  # limits.tls_peek_timeout, then timed_out()
+        waiting.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.buf = self.buf + data if self.buf else data
@@ -181,13 +180,10 @@ class PeekHello(asyncio.Protocol):
         self.tunnel.side_lost(self.tunnel.client_side, exc)
 
     def timed_out(self) -> None:
-        self.timer = None
         self.fail("tls_timeout")
 
     def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.waiting.discard(self)
 
     def fail(self, reason: str, alert: bytes = b"") -> None:
         self.cancel_timer()

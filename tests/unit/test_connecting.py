@@ -59,7 +59,7 @@ def test_a_connect_hands_over_a_transport_with_the_protocol_attached() -> None:
         assert exc is None and isinstance(dialled, Dialled) and attempt.done()
         assert dialled.peer == f"127.0.0.1:{port}" and dialled.keepalive
         assert pending.transport is dialled.transport
-        reader, writer = await asyncio.wait_for(accepted.get(), 5)
+        _reader, writer = await asyncio.wait_for(accepted.get(), 5)
         writer.write(b"hello")  # the protocol attached is the one given
         await writer.drain()
         for _ in range(100):

@@ -1,7 +1,7 @@
-"""relay.deadlines: shared per-duration queues instead of a timer per connection.
+"""relay.deadlines.Waiting: one timer per phase instead of one per connection.
 
 Driven on a real uvloop loop with short durations; every wait is for an
-event the deadline sets, bounded by pytest-timeout."""
+event an expiry sets, bounded by pytest-timeout."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import uvloop
 
-from relay.deadlines import COMPACT_AFTER, Deadlines
+from relay.deadlines import Waiting
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -20,101 +20,105 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
     uvloop.run(asyncio.wait_for(test(), 5))
 
 
-def test_each_callback_runs_once_not_before_its_own_deadline() -> None:
+class Member:
+    """Something that waits; records when it expired."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.expired_at: float | None = None
+
+
+def test_members_expire_in_order_each_at_its_own_deadline() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        deadlines = Deadlines(loop)
-        fired: list[tuple[str, float]] = []
         done = asyncio.Event()
-        start = loop.time()
-        for name in ("a", "b", "c"):
-            deadlines.add(0.05, lambda n=name: fired.append((n, loop.time())))
+        order: list[Member] = []
+
+        def expire(m: Member) -> None:
+            m.expired_at = loop.time()
+            order.append(m)
+            if len(order) == 3:
+                done.set()
+
+        waiting: Waiting[Member] = Waiting(loop, lambda: 0.05, expire)
+        members = [Member(n) for n in "abc"]
+        joined = []
+        for m in members:
+            waiting.add(m)
+            joined.append(loop.time())
             await asyncio.sleep(0.01)
-        deadlines.add(0.05, done.set)
         await done.wait()
-        assert [n for n, _ in fired] == ["a", "b", "c"]
-        for i, (_, when) in enumerate(fired):
-            # uvloop's clock has millisecond resolution
-            assert when - start >= 0.05 + 0.01 * i - 0.002
-        assert len(deadlines) == 0 and not deadlines.queues
+        assert order == members
+        for m, t in zip(members, joined, strict=True):
+            assert m.expired_at is not None
+            assert m.expired_at - t >= 0.05 - 0.002  # uvloop's clock: milliseconds
+        assert len(waiting) == 0
 
     run(main)
 
 
-def test_durations_do_not_wait_for_each_other() -> None:
+def test_a_member_that_leaves_never_expires_and_the_next_one_still_does() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        deadlines = Deadlines(loop)
-        order: list[str] = []
         done = asyncio.Event()
-        deadlines.add(0.3, lambda: (order.append("long"), done.set()))
-        deadlines.add(0.02, lambda: order.append("short"))
+        expired: list[str] = []
+        waiting: Waiting[Member] = Waiting(
+            loop, lambda: 0.03, lambda m: (expired.append(m.name), done.set())
+        )
+        first, second = Member("first"), Member("second")
+        waiting.add(first)
+        await asyncio.sleep(0.01)
+        waiting.add(second)
+        assert waiting.deadline(first) is not None and first in waiting
+        waiting.discard(first)  # the timer armed for it stays; it re-arms for second
+        waiting.discard(first)  # twice is harmless
+        assert waiting.deadline(first) is None and first not in waiting
         await done.wait()
-        assert order == ["short", "long"]
+        assert expired == ["second"]
 
     run(main)
 
 
-def test_a_cancelled_deadline_never_fires_and_releases_its_callback() -> None:
+def test_a_shorter_duration_after_a_reload_applies_to_new_and_waiting_members() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        deadlines = Deadlines(loop)
-        fired: list[int] = []
         done = asyncio.Event()
-        entry = deadlines.add(0.02, lambda: fired.append(1))
-        assert entry.active and len(deadlines) == 1
-        entry.cancel()
-        entry.cancel()  # twice is harmless
-        assert not entry.active and entry.callback is None and len(deadlines) == 0
-        deadlines.add(0.04, done.set)
+        timeout = [30.0]
+        expired: list[str] = []
+
+        def expire(m: Member) -> None:
+            expired.append(m.name)
+            if len(expired) == 2:
+                done.set()
+
+        waiting: Waiting[Member] = Waiting(loop, lambda: timeout[0], expire)
+        waiting.add(Member("old"))  # timer armed 30 s ahead
+        timeout[0] = 0.03  # "reload"
+        waiting.add(Member("new"))  # re-arms for its earlier deadline
         await done.wait()
-        assert fired == []
+        assert expired == ["old", "new"]
 
     run(main)
 
 
-def test_cancelled_entries_are_compacted_so_memory_follows_the_live_ones() -> None:
+def test_an_expiry_may_add_members_and_they_get_their_own_deadline() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        deadlines = Deadlines(loop)
-        live = deadlines.add(60, lambda: None)
-        for _ in range(10 * COMPACT_AFTER):
-            deadlines.add(60, lambda: None).cancel()
-        queue = deadlines.queues[60]
-        assert len(queue.entries) <= 2 * COMPACT_AFTER + 2
-        assert len(deadlines) == 1 and live.active
-        live.cancel()
-        for _ in range(COMPACT_AFTER + 1):
-            deadlines.add(60, lambda: None).cancel()
-        # Nothing live: the queue that held them was retired (its timer off), and
-        # what a new one holds is bounded again.
-        assert queue.timer is None and deadlines.queues.get(60) is not queue
-        assert sum(len(q.entries) for q in deadlines.queues.values()) <= COMPACT_AFTER + 1
-        assert len(deadlines) == 0
-
-    run(main)
-
-
-def test_a_callback_may_add_and_cancel_deadlines_of_its_own_queue() -> None:
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        deadlines = Deadlines(loop)
         done = asyncio.Event()
-        order: list[str] = []
-        later = [deadlines.add(0.02, lambda i=i: order.append(f"later{i}")) for i in range(3)]
+        names: list[str] = []
+        waiting: Waiting[Member]
 
-        def first() -> None:
-            order.append("first")
-            for entry in later[:2]:
-                entry.cancel()
-            for _ in range(2 * COMPACT_AFTER):  # would compact, were it not firing
-                deadlines.add(0.02, lambda: None).cancel()
-            deadlines.add(0.02, lambda: (order.append("again"), done.set()))
+        def expire(m: Member) -> None:
+            names.append(m.name)
+            if m.name == "first":
+                waiting.add(Member("added while firing"))
+            else:
+                done.set()
 
-        entries = deadlines.queues[0.02].entries
-        entries.appendleft(entries[0].__class__(loop.time(), first, deadlines.queues[0.02]))
+        waiting = Waiting(loop, lambda: 0.02, expire)
+        waiting.add(Member("first"))
         await done.wait()
-        assert order == ["first", "later2", "again"]
+        assert names == ["first", "added while firing"]
 
     run(main)
 
@@ -122,13 +126,26 @@ def test_a_callback_may_add_and_cancel_deadlines_of_its_own_queue() -> None:
 def test_close_turns_every_deadline_off() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        deadlines = Deadlines(loop)
-        fired: list[int] = []
-        for timeout in (0.01, 0.02):
-            deadlines.add(timeout, lambda: fired.append(1))
-        deadlines.close()
-        assert len(deadlines) == 0 and not deadlines.queues
-        await asyncio.sleep(0.05)  # past both deadlines: nothing may fire
-        assert fired == []
+        expired: list[Member] = []
+        waiting: Waiting[Member] = Waiting(loop, lambda: 0.01, expired.append)
+        for n in "ab":
+            waiting.add(Member(n))
+        waiting.close()
+        assert len(waiting) == 0 and list(waiting) == []
+        await asyncio.sleep(0.05)  # past every deadline: nothing may expire
+        assert expired == []
+
+    run(main)
+
+
+def test_many_members_that_leave_at_once_keep_nothing() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        waiting: Waiting[Member] = Waiting(loop, lambda: 60, lambda m: None)
+        for i in range(10_000):
+            m = Member(str(i))
+            waiting.add(m)
+            waiting.discard(m)
+        assert len(waiting) == 0  # no per-member remains (entries, handles)
 
     run(main)
