@@ -172,10 +172,16 @@ class ClientConnection(asyncio.Protocol):
         if self.phase is Phase.VERIFYING or self.phase is Phase.DIALING:
             self.client_eof = True  # a half-close to forward once the tunnel is up
             return True
+        if self.phase is Phase.HEAD:  # no request, no request line: an early close
+            self.phase = Phase.CLOSED
+            self.relay.early.in_head(self.listener.name, self.peer, self.reader, "closed")
         self._end_wait()  # gave up before a complete head: nothing to answer
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase is Phase.HEAD:
+            how = "reset" if exc else "lost"
+            self.relay.early.in_head(self.listener.name, self.peer, self.reader, how)
         self._end_wait()
         self._cancel_deadline()
         task = self.task
@@ -225,6 +231,7 @@ class ClientConnection(asyncio.Protocol):
             self.relay.metrics.requests_denied.labels("tls_handshake").inc()
             detail = f"TLS handshake failed or not complete within {limit:g} s"
             self.log_request("", False, 0, "tls_handshake", detail=detail)
+            self.relay.early.note(self.listener.name, "tls_handshake", "unknown", detail)
             return
         self.refuse(408, "head_timeout", f"request head not received within {limit:g} s")
 

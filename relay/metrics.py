@@ -199,6 +199,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.early_closes = Counter(
+            "konnect_relay_early_closes_total",
+            "Connections that ended before a complete request head, by listener and "
+            "phase (tls_handshake, head)",
+            ["listener", "phase"],
+            registry=r,
+        )
         self.would_deny = Counter(
             "konnect_relay_requests_would_deny_total",
             "Requests the policy would deny, let through in policy_mode: report",

@@ -23,6 +23,7 @@ from relay.config import Settings
 from relay.connection import LINGER_TIMEOUT, ClientConnection
 from relay.connector import Connector
 from relay.deadlines import Waiting
+from relay.early import EarlyCloses
 from relay.egress import Dialer, make_dialers
 from relay.konnect_ips_feed import Feed, unpinned_egresses
 from relay.listeners import ListenError, Listeners
@@ -54,6 +55,7 @@ class Relay:
         self.log = log if log is not None else EventLog()
         self.log.loop = self.loop
         self.metrics = Metrics()
+        self.early = EarlyCloses(self.metrics.early_closes, self.log)
         self.admission = Admission(settings)
         self.resolver = resolver_for(settings)
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]

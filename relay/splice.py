@@ -155,6 +155,8 @@ class Owner(Protocol):
 
     def link_eof(self, from_client: bool) -> None: ...
     def close(self, reason: str | None = None, *, abort: bool = False) -> None: ...
+
+    def lost_reason(self, exc: BaseException, client: bool) -> str: ...
     def link_closed(self) -> None: ...
 
 
@@ -246,7 +248,7 @@ class Pump:
             return False
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
-                self.link.fail()
+                self.link.fail(self.src_sock, exc)
             elif self.pending:
                 self.stop_reading()  # copy once the pipe is drained
             else:
@@ -273,8 +275,8 @@ class Pump:
                 n = os.write(self.dst, self.buf)
         except BlockingIOError:
             n = 0
-        except OSError:
-            self.link.fail()
+        except OSError as exc:
+            self.link.fail(self.dst_sock, exc)
             return
         pending = self.pending = self.pending - n
         if pending:
@@ -309,8 +311,8 @@ class Pump:
             data = os.read(self.src, COPY_CHUNK)
         except BlockingIOError:
             return False
-        except OSError:
-            self.link.fail()
+        except OSError as exc:
+            self.link.fail(self.src_sock, exc)
             return False
         if not data:
             self.at_eof()
@@ -327,7 +329,7 @@ class Pump:
         other = link.down if self is link.up else link.up
         we_sent_fin = other.eof and not other.pending  # other.forward_eof() ran
         if not we_sent_fin and _reset(self.src_sock):
-            link.fail()
+            link.fail(self.src_sock, ConnectionResetError())
             return
         self.stop_reading()
         self.eof = True
@@ -339,8 +341,8 @@ class Pump:
         link = self.link
         try:
             self.dst_sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            link.fail()
+        except OSError as exc:
+            link.fail(self.dst_sock, exc)
             return
         self.close_pipe()
         if link.up.eof and link.down.eof and not (link.up.pending or link.down.pending):
@@ -461,9 +463,10 @@ class Link:
             self.up.tidy(now)
             self.down.tidy(now)
 
-    def fail(self) -> None:
-        """A socket error (reset, broken pipe): abort the tunnel."""
-        self.owner.close("error", abort=True)
+    def fail(self, sock: socket.socket, exc: OSError) -> None:
+        """A socket error (reset, broken pipe) on ``sock``: abort the tunnel,
+        saying which side ended it."""
+        self.owner.close(self.owner.lost_reason(exc, sock is self.client), abort=True)
 
     def close(self, abort: bool) -> None:
         """Stop reading; with ``abort`` (or nothing held) close at once, else

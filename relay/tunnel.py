@@ -359,8 +359,8 @@ class Tunnel:
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         if self.close_reason is None:
             if exc is not None:
-                # An egress may say why (e.g. "egress_lost" when an SSH bastion drops).
-                self.close_reason = getattr(exc, "close_reason", "error")
+                # Who reset it, or an egress's reason ("egress_lost": the bastion dropped).
+                self.close_reason = self.lost_reason(exc, side is self.client_side)
             else:
                 self.close_reason = "client_eof" if side is self.client_side else "upstream_eof"
         if self.closed_at is None:
@@ -370,6 +370,18 @@ class Tunnel:
             cb, self.on_closed = self.on_closed, None
             if cb is not None:
                 cb(self)
+
+    @staticmethod
+    def lost_reason(exc: BaseException, client: bool) -> str:
+        """The close reason for a connection that failed: an egress's own
+        (egress_lost: the SSH bastion dropped), a reset or broken pipe saying
+        which side ended it (client_reset, upstream_reset), else error."""
+        reason = getattr(exc, "close_reason", None)
+        if reason is not None:
+            return str(reason)
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return "client_reset" if client else "upstream_reset"
+        return "error"
 
     def close(self, reason: str | None = None, *, abort: bool = False) -> None:
         """Close both sides. ``abort`` drops unsent bytes (error, idle, drain)."""

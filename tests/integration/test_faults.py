@@ -110,11 +110,12 @@ def test_upstream_resets_mid_stream(start_relay: StartRelay) -> None:
                     received += chunk
             assert received == b"r" * len(received)  # a prefix, never foreign bytes
             closed = relay.wait_event(lambda e: e["event"] == "tunnel_closed")
-            assert closed["reason"] == "error"
+            assert closed["reason"] == "upstream_reset"  # who ended it, not "error"
             assert closed["bytes_up"] == 64 * 1024
     assert_clean(relay, base)
     samples = relay.metrics()
-    assert samples[f'konnect_relay_tunnels_closed_total{{host="{RAW_HOST}",reason="error"}}'] == 1
+    series = f'konnect_relay_tunnels_closed_total{{host="{RAW_HOST}",reason="upstream_reset"}}'
+    assert samples[series] == 1
 
 
 @pytest.mark.parametrize("peer_ends", ["peer-closes", "peer-hangs"])
@@ -148,7 +149,9 @@ def test_upstream_stops_reading_while_client_floods(
             release.set()
         closed = relay.wait_event(lambda e: e["event"] == "tunnel_closed")
         release.set()
-    assert closed["reason"] == ("idle_timeout" if peer_ends == "peer-hangs" else "error"), closed
+    # peer-closes: it closes with the flood unread, so its kernel resets the connection
+    expected = "idle_timeout" if peer_ends == "peer-hangs" else "upstream_reset"
+    assert closed["reason"] == expected, closed
     assert closed["bytes_up"] <= sent
     assert_clean(relay, base)
 

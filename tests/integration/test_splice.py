@@ -433,8 +433,9 @@ def send_then_reset(conn: socket.socket) -> None:
 
 @pytest.mark.parametrize("who", ["client", "upstream"])
 def test_reset_mid_transfer(start_relay: Callable[..., RelayProcess], who: str) -> None:
-    """A reset on either side of a spliced tunnel closes it with reason
-    ``error`` (as on the transport path), and every descriptor is given back."""
+    """A reset on either side of a spliced tunnel closes it with the reason
+    naming that side (client_reset, upstream_reset; as on the transport path),
+    and every descriptor is given back."""
     with raw_relay(start_relay, endless if who == "client" else send_then_reset) as relay:
         pid = relay.proc.pid
         base = fd_kinds(pid)
@@ -452,7 +453,7 @@ def test_reset_mid_transfer(start_relay: Callable[..., RelayProcess], who: str) 
         wait_until(lambda: fd_kinds(pid) == base, "fds at baseline")
         samples = relay.metrics()
     assert spliced >= 2
-    assert closed["reason"] == "error"
+    assert closed["reason"] == f"{who}_reset"
     assert samples[f'konnect_relay_tunnels_active{{host="{RAW_HOST}"}}'] == 0
 
 
