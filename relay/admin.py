@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ _REASONS = {
 }
 
 
+Query = Mapping[str, str]  # the request's query parameters (the last of each name)
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     status: int
@@ -46,7 +50,22 @@ def json_reply(value: object) -> Reply:
     return Reply(200, json.dumps(value, indent=1).encode(), "application/json")
 
 
-Handler = Callable[[], Awaitable[Reply]]
+Handler = Callable[[Query], Awaitable[Reply]]
+
+
+def filtered(
+    entries: list[dict[str, object]], query: Query, keys: tuple[str, ...]
+) -> list[dict[str, object]]:
+    """The entries whose fields contain each given filter's value (``?host=cp0``,
+    ``?client=10.0.0.7``, ``?state=no_telemetry``); ``client`` also matches
+    ``identity``. Filters not in ``keys`` are ignored."""
+    wanted = [(k, v) for k, v in query.items() if k in keys and v]
+
+    def match(entry: dict[str, object], key: str, value: str) -> bool:
+        field = entry.get(key, entry.get("identity") if key == "client" else None)
+        return value == field if key == "state" else value in str(field or "")
+
+    return [e for e in entries if all(match(e, k, v) for k, v in wanted)]
 
 
 def http_response(status: int, body: bytes, content_type: str, head_only: bool = False) -> bytes:
@@ -62,7 +81,7 @@ def http_response(status: int, body: bytes, content_type: str, head_only: bool =
 
 
 class AdminServer:
-    """Serves ``routes`` (path -> handler); the query string is ignored."""
+    """Serves ``routes`` (path -> handler); handlers get the query parameters."""
 
     def __init__(self, routes: Mapping[str, Handler]) -> None:
         self.routes = dict(routes)
@@ -72,11 +91,12 @@ class AdminServer:
     async def answer(self, method: str, path: str) -> bytes:
         if method not in ("GET", "HEAD"):
             return http_response(405, b"method not allowed\n", "text/plain")
-        handler = self.routes.get(path.split("?", 1)[0])
+        route, _, query = path.partition("?")
+        handler = self.routes.get(route)
         if handler is None:
             reply = text(404, "not found\n")
         else:
-            reply = await handler()
+            reply = await handler(dict(urllib.parse.parse_qsl(query)))
         return http_response(reply.status, reply.body, reply.content_type, method == "HEAD")
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from relay.clients import ClientMemory
 from relay.hostport import hostport
 from relay.log import EventLog, json_fields, json_string
 from relay.metrics import Metrics
@@ -44,6 +45,7 @@ class TunnelBook:
         self.tunnels: dict[int, Tunnel] = {}
         self.per_client: dict[str, int] = {}  # tunnels open or being dialled, per identity
         self.last_closed: dict[tuple[str, str], float] = {}  # (client, host) -> when
+        self.memory = ClientMemory()  # identities beyond their live tunnels (/clients)
         self.empty = asyncio.Event()  # set while no tunnel is open
         self.empty.set()
 
@@ -74,6 +76,7 @@ class TunnelBook:
         last = self.last_closed.get((tunnel.client, host))
         if last is not None and tunnel.opened_mono - last <= self.reconnect_window():
             series.reconnects += 1
+            self.memory.reconnected(tunnel.client, tunnel.opened_mono)
 
     def closed(self, tunnel: Tunnel) -> None:
         """The tunnel's on_closed callback: count, log, forget."""
@@ -90,6 +93,7 @@ class TunnelBook:
         duration = now - tunnel.opened_mono
         series.duration.observe(duration)
         self.last_closed[(tunnel.client, host)] = now
+        self.memory.closed(tunnel.client, now)
         self.release(tunnel.client)
         # As self.log("tunnel_closed", tunnel=..., client=..., ..., reason=...)
         # would write it, from a template (see EventLog.write_event).
@@ -150,7 +154,7 @@ class TunnelBook:
 
     # --- the sweep ----------------------------------------------------------
 
-    def sweep(self, now: float, idle_timeout: float) -> None:
+    def sweep(self, now: float, idle_timeout: float, forget_after: float = 3600.0) -> None:
         """Idle timeouts, lingering closes, SO_KEEPALIVE on young direct
         upstreams, and the reconnect memory past its window."""
         for tunnel in list(self.tunnels.values()):
@@ -167,6 +171,7 @@ class TunnelBook:
                 # after net.ipv4.tcp_keepalive_time (two hours by default).
                 tunnel.keepalive()
         window = self.reconnect_window()
+        self.memory.prune(now, window, forget_after)
         if self.last_closed:
             stale = [k for k, t in self.last_closed.items() if now - t > window]
             for key in stale:

@@ -44,6 +44,7 @@ from relay.schema import (
     REGIONS,
     SECONDS,
     ClientKonnectModel,
+    DataPlanesModel,
     FileConfig,
     HttpProxyModel,
     KonnectIPsModel,
@@ -178,6 +179,7 @@ class Settings:
     cache_ttl: float
     egress: str
     limits: LimitsModel
+    data_planes: DataPlanesModel
     specs: tuple[ListenModel, ...] = ()  # the listen: entries, in order with ``listen``
     workers: int | str = 1
     allowed_cidrs: tuple[str, ...] = ()
@@ -326,6 +328,7 @@ def build(data: Any, source: str = "<config>") -> Settings:
         cache_ttl=raw.resolver.cache_ttl,
         egress=raw.egress.mode,
         limits=raw.limits,
+        data_planes=raw.data_planes,
         specs=tuple(raw.listen),
         workers=raw.workers,
         allowed_cidrs=tuple(raw.resolver.allowed_cidrs),

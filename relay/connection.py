@@ -269,6 +269,7 @@ class ClientConnection(asyncio.Protocol):
         relay = self.relay
         relay.metrics.requests_denied.labels(reason).inc()
         self.log_request(target, False, status, reason, detail=detail, **extra)
+        relay.book.memory.refused(self.identity or self.client_ip, reason, target, status)
         transport = self.transport
         self.phase = Phase.CLOSED
         if transport is None or transport.is_closing():

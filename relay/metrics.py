@@ -24,6 +24,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Info,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -177,7 +178,14 @@ class TunnelCollector(Collector):
             "Connections that have not yet sent a complete request head",
             value=m.pending_heads(),
         )
-        yield from (active, opened, nbytes, reconnects, closed, duration, connect, pending)
+        planes = GaugeMetricFamily(
+            "konnect_relay_data_planes",
+            "Client identities (data planes) by state (see /clients)",
+            labels=["state"],
+        )
+        for state, count in m.data_planes().items():
+            planes.add_metric([state], count)
+        yield from (active, opened, nbytes, reconnects, closed, duration, connect, pending, planes)
 
 
 class Metrics:
@@ -187,11 +195,15 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.info = Info("konnect_relay_build", "konnect-relay version", registry=r)
+        # process_open_fds, process_max_fds, CPU, memory: for the open-files alert
+        # (deploy/prometheus); with workers the supervisor sums the workers' values.
+        ProcessCollector(registry=r)
         # Host labels are bounded by the allowlist (see the module docstring).
         self.hosts: dict[str, HostSeries] = {}
         self.connect: dict[str, LazyHistogram] = {}  # dial times by egress
         # Set by the relay: how many connections are still sending their head.
         self.pending_heads: Callable[[], int] = lambda: 0
+        self.data_planes: Callable[[], dict[str, int]] = dict
         r.register(TunnelCollector(self))
         self.requests_denied = Counter(
             "konnect_relay_requests_denied_total",

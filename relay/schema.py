@@ -426,6 +426,14 @@ class LimitsModel(_Strict):
     max_pending_heads: int = Field(default=DEFAULT_MAX_PENDING_HEADS, ge=1)
 
 
+class DataPlanesModel(_Strict):
+    """``data_planes``: the thresholds of the /clients states (relay/clients.py)."""
+
+    no_telemetry_after: PositiveSeconds = 60.0
+    flapping_reconnects: int = Field(default=5, ge=1)
+    forget_after: PositiveSeconds = 3600.0
+
+
 class ReloadModel(_Strict):
     close_revoked: bool = True
 
@@ -447,3 +455,4 @@ class FileConfig(_Strict):
     clients_only: bool = False
     workers: Workers = 1
     reload: ReloadModel = Field(default_factory=ReloadModel)
+    data_planes: DataPlanesModel = Field(default_factory=DataPlanesModel)

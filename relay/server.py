@@ -16,9 +16,10 @@ import resource
 import time
 
 from relay import config, splice
-from relay.admin import AdminServer, Handler, Reply, json_reply, text
+from relay.admin import AdminServer, Handler, Query, Reply, filtered, json_reply, text
 from relay.admission import Admission
 from relay.book import CLOSE_LINGER, TunnelBook
+from relay.clients import clients, state_counts
 from relay.config import Settings
 from relay.connection import LINGER_TIMEOUT, ClientConnection
 from relay.connector import Connector
@@ -76,6 +77,7 @@ class Relay:
             self.loop, lambda: self.settings.limits.tls_peek_timeout, PeekHello.timed_out
         )
         self.metrics.pending_heads = lambda: len(self.pending)
+        self.metrics.data_planes = lambda: state_counts(clients_view(self))
         self.book = TunnelBook(
             self.metrics, self.log, lambda: self.settings.limits.reconnect_window
         )
@@ -278,27 +280,44 @@ class Relay:
         self._sweeper = self.loop.call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
-        self.book.sweep(time.monotonic(), self.settings.limits.idle_timeout)
+        settings = self.settings
+        self.book.sweep(
+            time.monotonic(), settings.limits.idle_timeout, settings.data_planes.forget_after
+        )
         self._schedule_sweep()
+
+
+def clients_view(relay: Relay) -> list[dict[str, object]]:
+    """/clients: the data planes behind the relay's tunnels (clients.py)."""
+    settings = relay.settings
+    return clients(
+        relay.book.tunnels.values(),
+        relay.book.memory,
+        settings.limits.reconnect_window,
+        settings.data_planes,
+    )
 
 
 def admin_routes(relay: Relay) -> dict[str, Handler]:
     """The relay's admin table: each handler shows what its part keeps."""
 
-    async def metrics() -> Reply:
+    async def metrics(query: Query) -> Reply:
         relay.book.fold_all()
         return relay.metrics.reply()
 
-    async def healthz() -> Reply:
+    async def healthz(query: Query) -> Reply:
         return text(200, "ok\n")
 
-    async def readyz() -> Reply:
+    async def readyz(query: Query) -> Reply:
         return text(503, "draining\n") if relay.draining else text(200, "ready\n")
 
-    async def tunnels() -> Reply:
-        return json_reply(relay.book.snapshot())
+    async def tunnels(query: Query) -> Reply:
+        return json_reply(filtered(relay.book.snapshot(), query, ("host", "client")))
 
-    async def debug_tasks() -> Reply:
+    async def clients_(query: Query) -> Reply:
+        return json_reply(filtered(clients_view(relay), query, ("identity", "state", "client")))
+
+    async def debug_tasks(query: Query) -> Reply:
         # For leak checks: what the relay holds besides its tunnels.
         return json_reply(
             {
@@ -318,5 +337,6 @@ def admin_routes(relay: Relay) -> dict[str, Handler]:
         "/healthz": healthz,
         "/readyz": readyz,
         "/tunnels": tunnels,
+        "/clients": clients_,
         "/debug/tasks": debug_tasks,
     }

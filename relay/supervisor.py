@@ -43,6 +43,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from prometheus_client import (
 )
 
 from relay import config
-from relay.admin import AdminServer, Handler, Reply, text
+from relay.admin import AdminServer, Handler, Query, Reply, text
 from relay.config import SECONDS, Settings
 from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
@@ -431,25 +432,35 @@ class WorkerRunner:
 def admin_routes(sup: Supervisor) -> dict[str, Handler]:
     """The supervisor's admin table: the workers' views, merged."""
 
-    async def metrics() -> Reply:
+    async def metrics(query: Query) -> Reply:
         return Reply(200, await sup.views.scrape(), CONTENT_TYPE_LATEST)
 
-    async def healthz() -> Reply:
+    async def healthz(query: Query) -> Reply:
         if not any(w.alive for w in sup.workers):
             return text(503, "no worker running\n")
         return text(200, "ok\n")
 
-    async def readyz() -> Reply:
+    async def readyz(query: Query) -> Reply:
         if sup.draining:
             return text(503, "draining\n")
         if not any(w.ready for w in sup.workers):
             return text(503, "no worker ready\n")
         return text(200, "ready\n")
 
-    async def tunnels() -> Reply:
-        return Reply(200, await sup.views.tunnels(), "application/json")
+    def merged(path: str) -> Handler:
+        async def handler(query: Query) -> Reply:
+            suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
+            return Reply(200, await sup.views.tunnels(path + suffix), "application/json")
 
-    return {"/metrics": metrics, "/healthz": healthz, "/readyz": readyz, "/tunnels": tunnels}
+        return handler
+
+    return {
+        "/metrics": metrics,
+        "/healthz": healthz,
+        "/readyz": readyz,
+        "/tunnels": merged("/tunnels"),
+        "/clients": merged("/clients"),
+    }
 
 
 def run(settings: Settings, document: dict[str, Any], args: argparse.Namespace) -> int:

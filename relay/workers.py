@@ -155,8 +155,10 @@ class WorkerViews:
             worker.last_cumulative = cumulative(families)
         return families
 
-    async def tunnels(self) -> bytes:
-        bodies = await asyncio.gather(*(self.query(w, "/tunnels") for w in self.workers))
+    async def tunnels(self, path: str = "/tunnels") -> bytes:
+        """The workers' lists at ``path`` (/tunnels, /clients, with the query),
+        each entry with its ``worker``."""
+        bodies = await asyncio.gather(*(self.query(w, path) for w in self.workers))
         out: list[Any] = []
         for worker, body in zip(self.workers, bodies, strict=True):
             try:

@@ -43,10 +43,6 @@ ANNOTATIONS = frozenset({"summary", "description", "runbook"})
 STANDARD_METRICS = frozenset({"up", "process_open_fds", "process_max_fds"})
 # Of those, the names other exporters share: a rule must select the relay's job.
 SHARED_METRICS = STANDARD_METRICS
-# Being added to the relay now; remove each once README.md's metrics table lists it.
-PENDING_README_METRICS = frozenset(
-    {"konnect_relay_data_planes", "konnect_relay_early_closes_total"}
-)
 
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 PROMTOOL_TIMEOUT = 30  # seconds; both runs take well under one
@@ -283,7 +279,7 @@ def test_runbook_points_at_readme_sections(rule: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("rule", alert_rules(), ids=alert_names())
 def test_expression_reads_only_known_metrics(rule: dict[str, Any]) -> None:
-    known = STANDARD_METRICS | readme_metrics() | PENDING_README_METRICS
+    known = STANDARD_METRICS | readme_metrics()
     names = metric_names(rule["expr"])
     assert names, f"no metric found in {rule['expr']!r}"
     unknown = {
@@ -313,13 +309,6 @@ def test_metric_is_exported_by_the_relay(name: str) -> None:
     """A rule over a series nobody exports can never fire."""
     if name in exported_names():
         return
-    if name in PENDING_README_METRICS:
-        pytest.xfail(f"{name} is being added to the relay")
-    if name.startswith("process_"):
-        pytest.xfail(
-            "the relay's registries have no ProcessCollector (relay/metrics.py): "
-            "KonnectRelayOpenFilesHigh fires only on 503 fd_limit refusals"
-        )
     pytest.fail(f"no registry of the relay exports {name}")
 
 
