@@ -22,6 +22,13 @@ from relay.tasks import TaskSet
 MAX_ADMIN_HEAD = 8 * 1024
 ADMIN_READ_TIMEOUT = 5.0
 
+# Every admin answer, the status page's included: its script, style and data
+# come from this origin only; nothing may frame it, no other origin is reached.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -75,6 +82,8 @@ def http_response(status: int, body: bytes, content_type: str, head_only: bool =
         f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Cache-Control: no-store\r\n"
+        "X-Content-Type-Options: nosniff\r\n"
+        f"Content-Security-Policy: {CSP}\r\n"
         "Connection: close\r\n\r\n"
     ).encode("ascii")
     return head if head_only else head + body

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from relay.tunnel import Tunnel
 
 STATES = ("ok", "no_telemetry", "flapping", "refused", "gone")
+RECENT_REFUSALS = 100
 # Identities remembered without a live tunnel, at most (the oldest go first).
 MAX_REMEMBERED = 10_000
 
@@ -70,6 +71,8 @@ class ClientMemory:
 
     def __init__(self) -> None:
         self.known: dict[str, Remembered] = {}
+        # The last refusals, for the status page: never a header value.
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_REFUSALS)
 
     def _get(self, identity: str, now: float) -> Remembered:
         entry = self.known.pop(identity, None)
@@ -87,10 +90,21 @@ class ClientMemory:
     def reconnected(self, identity: str, now: float) -> None:
         self._get(identity, now).reconnects.append(now)
 
-    def refused(self, identity: str, reason: str, target: str, status: int) -> None:
+    def refused(self, identity: str, client: str, reason: str, target: str, status: int) -> None:
         now = time.monotonic()
         entry = self._get(identity, now)
-        entry.refusal = (time.time(), reason, target, status)
+        wall = time.time()
+        entry.refusal = (wall, reason, target, status)
+        self.recent.appendleft(
+            {
+                "at": _iso(wall),
+                "client": client,
+                "identity": identity,
+                "target": target,
+                "status": status,
+                "reason": reason,
+            }
+        )
         entry.refused_at = now
 
     def prune(self, now: float, window: float, forget_after: float) -> None:

@@ -172,10 +172,10 @@ class ClientConnection(asyncio.Protocol):
         if self.phase is Phase.VERIFYING or self.phase is Phase.DIALING:
             self.client_eof = True  # a half-close to forward once the tunnel is up
             return True
-        if self.phase is Phase.HEAD:  # no request, no request line: an early close
+        if self.phase is Phase.HEAD:  # gave up before a complete head: an early close
             self.phase = Phase.CLOSED
             self.relay.early.in_head(self.listener.name, self.peer, self.reader, "closed")
-        self._end_wait()  # gave up before a complete head: nothing to answer
+        self._end_wait()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -189,8 +189,6 @@ class ClientConnection(asyncio.Protocol):
             task.cancel()  # the client went away while the relay was verifying or dialling
         self.phase = Phase.CLOSED
         self.transport = None
-
-    # --- deadlines ----------------------------------------------------------------------
 
     def _wait_head(self) -> None:
         self.relay.pending.add(self)  # limits.head_timeout from now
@@ -269,7 +267,8 @@ class ClientConnection(asyncio.Protocol):
         relay = self.relay
         relay.metrics.requests_denied.labels(reason).inc()
         self.log_request(target, False, status, reason, detail=detail, **extra)
-        relay.book.memory.refused(self.identity or self.client_ip, reason, target, status)
+        who = self.identity or self.client_ip
+        relay.book.memory.refused(who, self.peer, reason, target, status)
         transport = self.transport
         self.phase = Phase.CLOSED
         if transport is None or transport.is_closing():

@@ -32,6 +32,7 @@ from relay.log import EventLog
 from relay.metrics import Metrics
 from relay.notify import notify
 from relay.resolver import KonnectPins, resolver_for
+from relay.status import page_routes
 from relay.tasks import TaskSet
 from relay.tunnel import PeekHello
 
@@ -99,6 +100,9 @@ class Relay:
         self.admin_address = ""
         self.draining = False
         self.stopped = asyncio.Event()
+        self.started = time.time()
+        self.last_reload: dict[str, object] | None = None  # for the status page
+        self.actions: object | None = None  # admin.actions (off)
         self._sweeper: asyncio.TimerHandle | None = None
 
     # --- the parts' callbacks -------------------------------------------------------
@@ -168,8 +172,10 @@ class Relay:
             except config.ConfigError as exc:
                 self.metrics.reloads.labels("error").inc()
                 self.log("reload_failed", config=exc.source, errors=exc.errors)
+                self.last_reload = {"at": _now(), "result": "error", "errors": exc.errors}
                 return False
             self.metrics.reloads.labels("ok").inc()
+            self.last_reload = {"at": _now(), "result": "ok", "errors": []}
             return True
         finally:
             notify("READY=1")
@@ -287,6 +293,10 @@ class Relay:
         self._schedule_sweep()
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def clients_view(relay: Relay) -> list[dict[str, object]]:
     """/clients: the data planes behind the relay's tunnels (clients.py)."""
     settings = relay.settings
@@ -338,5 +348,6 @@ def admin_routes(relay: Relay) -> dict[str, Handler]:
         "/readyz": readyz,
         "/tunnels": tunnels,
         "/clients": clients_,
+        **page_routes(relay),
         "/debug/tasks": debug_tasks,
     }
