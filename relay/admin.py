@@ -31,6 +31,8 @@ CSP = (
 
 _REASONS = {
     200: "OK",
+    202: "Accepted",
+    401: "Unauthorized",
     400: "Bad Request",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -58,6 +60,7 @@ def json_reply(value: object) -> Reply:
 
 
 Handler = Callable[[Query], Awaitable[Reply]]
+Action = Callable[[str, str], Awaitable[Reply]]
 
 
 def filtered(
@@ -92,12 +95,16 @@ def http_response(status: int, body: bytes, content_type: str, head_only: bool =
 class AdminServer:
     """Serves ``routes`` (path -> handler); handlers get the query parameters."""
 
-    def __init__(self, routes: Mapping[str, Handler]) -> None:
+    def __init__(self, routes: Mapping[str, Handler], action: Action | None = None) -> None:
         self.routes = dict(routes)
+        self.action = action  # POST: (path, Authorization header) -> reply
         self.tasks = TaskSet()
         self.server: asyncio.Server | None = None
 
-    async def answer(self, method: str, path: str) -> bytes:
+    async def answer(self, method: str, path: str, authorization: str = "") -> bytes:
+        if method == "POST" and self.action is not None:
+            reply = await self.action(path.partition("?")[0], authorization)
+            return http_response(reply.status, reply.body, reply.content_type)
         if method not in ("GET", "HEAD"):
             return http_response(405, b"method not allowed\n", "text/plain")
         route, _, query = path.partition("?")
@@ -115,10 +122,19 @@ class AdminServer:
                 head = await reader.readuntil(b"\r\n\r\n")
             if len(head) > MAX_ADMIN_HEAD:
                 raise ValueError
-            parts = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
+            lines = head.decode("ascii").split("\r\n")
+            parts = lines[0].split(" ")
             if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
                 raise ValueError
-            writer.write(await self.answer(parts[0], parts[1]))
+            authorization = next(
+                (
+                    line.partition(":")[2].strip()
+                    for line in lines[1:]
+                    if line.partition(":")[0].strip().lower() == "authorization"
+                ),
+                "",
+            )
+            writer.write(await self.answer(parts[0], parts[1], authorization))
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             writer.write(http_response(408, b"incomplete request\n", "text/plain"))
         except (ValueError, UnicodeDecodeError):

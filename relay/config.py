@@ -180,6 +180,7 @@ class Settings:
     egress: str
     limits: LimitsModel
     data_planes: DataPlanesModel
+    admin_token: bytes | None  # admin.actions.token_file's content; None: actions off
     specs: tuple[ListenModel, ...] = ()  # the listen: entries, in order with ``listen``
     workers: int | str = 1
     allowed_cidrs: tuple[str, ...] = ()
@@ -329,6 +330,7 @@ def build(data: Any, source: str = "<config>") -> Settings:
         egress=raw.egress.mode,
         limits=raw.limits,
         data_planes=raw.data_planes,
+        admin_token=raw.admin.actions.token(),
         specs=tuple(raw.listen),
         workers=raw.workers,
         allowed_cidrs=tuple(raw.resolver.allowed_cidrs),

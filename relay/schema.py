@@ -188,8 +188,37 @@ class ListenModel(_Strict):
         return self
 
 
+class AdminActionsModel(_Strict):
+    """``admin.actions``: POST /tunnels/{id}/close and POST /drain, off unless
+    a token file is given (its content, stripped, is the bearer token)."""
+
+    token_file: str | None = None
+    _token: bytes | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _read_token(self) -> AdminActionsModel:
+        # An unreadable, empty or short token file is a config error (the old config runs).
+        if self.token_file is not None:
+            try:
+                token = Path(self.token_file).read_bytes().strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read token_file: {exc}") from None
+            if len(token) < MIN_TOKEN_BYTES:
+                raise ValueError(f"token_file must hold at least {MIN_TOKEN_BYTES} characters")
+            self._token = token
+        return self
+
+    def token(self) -> bytes | None:
+        """The bearer token as read when this model was validated; None: actions off."""
+        return self._token
+
+
+MIN_TOKEN_BYTES = 16
+
+
 class AdminModel(_Strict):
     address: Address | None = "127.0.0.1:9464"
+    actions: AdminActionsModel = Field(default_factory=AdminActionsModel)
 
 
 class KonnectModel(_Strict):

@@ -16,6 +16,7 @@ import resource
 import time
 
 from relay import config, splice
+from relay.actions import act
 from relay.admin import AdminServer, Handler, Query, Reply, filtered, json_reply, text
 from relay.admission import Admission
 from relay.book import CLOSE_LINGER, TunnelBook
@@ -95,14 +96,13 @@ class Relay:
             reuse_port=reuse_port,
             handshake_timeout=lambda: self.settings.limits.head_timeout,
         )
-        self.admin = AdminServer(admin_routes(self))
+        self.admin = AdminServer(admin_routes(self), lambda path, auth: act(self, path, auth))
         self.admin_path = admin_path
         self.admin_address = ""
         self.draining = False
         self.stopped = asyncio.Event()
         self.started = time.time()
         self.last_reload: dict[str, object] | None = None  # for the status page
-        self.actions: object | None = None  # admin.actions (off)
         self._sweeper: asyncio.TimerHandle | None = None
 
     # --- the parts' callbacks -------------------------------------------------------

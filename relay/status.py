@@ -73,7 +73,7 @@ def status_of(relay: Relay) -> dict[str, Any]:
         "tunnels": len(relay.book),
         "pending": len(relay.pending),
         "denied": dict(sorted(denied.items())),
-        "actions": relay.actions is not None,
+        "actions": relay.settings.admin_token is not None,
     }
 
 
