@@ -77,8 +77,8 @@ def status_of(relay: Relay) -> dict[str, Any]:
     }
 
 
-def page_routes(relay: Relay) -> dict[str, Handler]:
-    """``/`` and its files, ``/status``, ``/refusals``."""
+def file_routes() -> dict[str, Handler]:
+    """``/`` and the page's files (the supervisor serves them too)."""
     routes: dict[str, Handler] = {}
     for path, (name, content_type) in PAGE_FILES.items():
         body = _page(name)
@@ -87,6 +87,12 @@ def page_routes(relay: Relay) -> dict[str, Handler]:
             return Reply(200, body, kind)
 
         routes[path] = serve
+    return routes
+
+
+def page_routes(relay: Relay) -> dict[str, Handler]:
+    """``/`` and its files, ``/status``, ``/refusals``."""
+    routes = file_routes()
 
     async def status(query: Query) -> Reply:
         return json_reply(status_of(relay))

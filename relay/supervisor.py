@@ -52,11 +52,12 @@ from prometheus_client import (
 )
 
 from relay import config
-from relay.admin import AdminServer, Handler, Query, Reply, text
+from relay.admin import AdminServer, Handler, Query, Reply, json_reply, text
 from relay.config import SECONDS, Settings
 from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
 from relay.notify import notify
+from relay.status import file_routes
 from relay.tasks import TaskSet
 from relay.workerconf import PortReservations, worker_count, worker_document, write_worker_file
 from relay.workers import Backoff, Worker, WorkerFeed, WorkerOutput, WorkerViews, child_setup
@@ -447,6 +448,10 @@ def admin_routes(sup: Supervisor) -> dict[str, Handler]:
             return text(503, "no worker ready\n")
         return text(200, "ready\n")
 
+    async def status(query: Query) -> Reply:
+        view = await sup.views.status(sup.draining)
+        return text(503, "no worker running\n") if view is None else json_reply(view)
+
     def merged(path: str) -> Handler:
         async def handler(query: Query) -> Reply:
             suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
@@ -460,6 +465,9 @@ def admin_routes(sup: Supervisor) -> dict[str, Handler]:
         "/readyz": readyz,
         "/tunnels": merged("/tunnels"),
         "/clients": merged("/clients"),
+        "/refusals": merged("/refusals"),
+        "/status": status,
+        **file_routes(),
     }
 
 

@@ -155,6 +155,24 @@ class WorkerViews:
             worker.last_cumulative = cumulative(families)
         return families
 
+    async def status(self, draining: bool) -> dict[str, Any] | None:
+        """/status over the workers: the first one's, with the counts summed."""
+        bodies = await asyncio.gather(*(self.query(w, "/status") for w in self.workers))
+        views = [json.loads(b) for b in bodies if b is not None]
+        if not views:
+            return None
+        out = dict(views[0])
+        for key in ("tunnels", "pending"):
+            out[key] = sum(v[key] for v in views)
+        out["open_files"] = {k: sum(v["open_files"][k] for v in views) for k in ("open", "limit")}
+        denied: dict[str, int] = {}
+        for v in views:
+            for reason, n in v["denied"].items():
+                denied[reason] = denied.get(reason, 0) + n
+        out.update(ready=not draining and all(v["ready"] for v in views), denied=denied)
+        out.update(workers=len(views), actions=False)  # actions: a worker's, not here
+        return out
+
     async def tunnels(self, path: str = "/tunnels") -> bytes:
         """The workers' lists at ``path`` (/tunnels, /clients, with the query),
         each entry with its ``worker``."""

@@ -170,3 +170,25 @@ def test_headless_chromium_renders_data_planes_states_and_refusals(
         assert (tmp_path / "status-page.png").stat().st_size > 10_000
         if os.environ.get("STATUS_PAGE_SCREENSHOT"):  # the README's picture
             shutil.copy(tmp_path / "status-page.png", os.environ["STATUS_PAGE_SCREENSHOT"])
+
+
+def test_with_workers_the_supervisor_serves_the_page_and_merges_the_views(
+    start_relay: StartRelay, fake_cp: FakeControlPlane
+) -> None:
+    relay = start_relay({**config(fake_cp), "workers": 2})
+    wait_until(
+        lambda: json.loads(fetch(relay, "/status")[2]).get("workers") == 2,
+        what="both workers answering /status",
+    )
+    with tunnel(relay, OK, CP_HOST), tunnel(relay, OK, TP_HOST):
+        wait_until(lambda: len(json.loads(fetch(relay, "/tunnels")[2])) == 2, what="2 tunnels")
+        state = json.loads(fetch(relay, "/status")[2])
+        assert state["tunnels"] == 2 and state["ready"] is True
+        clients = json.loads(fetch(relay, f"/clients?client={OK}")[2])
+        assert {c["identity"] for c in clients} == {OK}
+        assert sum(c["tunnels"] for c in clients) == 2 and all("worker" in c for c in clients)
+    status, headers, body = fetch(relay, "/")
+    assert status == 200 and b"/page/status.js" in body
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    refuse_one(relay)
+    wait_until(lambda: json.loads(fetch(relay, "/refusals")[2]) != [], what="the refusal")
