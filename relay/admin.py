@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -151,11 +153,19 @@ class AdminServer:
     def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.tasks.spawn(self.handle(reader, writer))
 
-    async def start(self, host: str, port: int) -> str:
-        """Listen on TCP; the bound ``host:port``."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> str:
+        """Listen on TCP (on ``sock``, a predecessor's listening socket, when
+        given); the bound ``host:port``."""
         from relay.hostport import hostport
 
-        self.server = await asyncio.start_server(self._connected, host, port, limit=MAX_ADMIN_HEAD)
+        if sock is not None:
+            self.server = await asyncio.start_server(
+                self._connected, sock=sock, limit=MAX_ADMIN_HEAD
+            )
+        else:
+            self.server = await asyncio.start_server(
+                self._connected, host, port, limit=MAX_ADMIN_HEAD
+            )
         name = self.server.sockets[0].getsockname()
         return hostport(name[0], name[1])
 
@@ -163,6 +173,19 @@ class AdminServer:
         """A worker's admin endpoint, on a Unix socket its supervisor queries."""
         self.server = await asyncio.start_unix_server(self._connected, path, limit=MAX_ADMIN_HEAD)
         return path
+
+    def hand_over(self) -> socket.socket | None:
+        """Stop accepting; a duplicate of the listening socket (a TCP one) for
+        a successor, or to take back with start(sock=...)."""
+        if self.server is None or not self.server.sockets:
+            return None
+        sock = self.server.sockets[0]
+        if sock.family == socket.AF_UNIX:
+            return None
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        self.server.close()
+        self.server = None
+        return dup
 
     def close(self) -> None:
         if self.server is not None:

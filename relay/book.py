@@ -109,6 +109,29 @@ class TunnelBook:
         if not self.tunnels:
             self.empty.set()
 
+    def moved_out(self, tunnel: Tunnel) -> None:
+        """The tunnel lives on in a successor: forget it without closing it
+        (its bytes so far are in this process's totals, which the successor
+        continues from)."""
+        if self.tunnels.pop(tunnel.id, None) is None:
+            return
+        series = tunnel.series
+        assert series is not None  # set by opened()
+        self.fold(tunnel)
+        series.active -= 1
+        self.release(tunnel.client)
+        if not self.tunnels:
+            self.empty.set()
+
+    def moved_in(self, tunnel: Tunnel) -> None:
+        """A tunnel the predecessor ran: live here from now on; its bytes
+        until now (folded already) came with the predecessor's totals."""
+        self.tunnels[tunnel.id] = tunnel
+        self.empty.clear()
+        series = tunnel.series = self.metrics.host(tunnel.label)
+        series.active += 1
+        self.reserve(tunnel.client)
+
     def log_established(
         self,
         tunnel: Tunnel,
@@ -191,6 +214,22 @@ class TunnelBook:
     def close_all(self, reason: str) -> None:
         for tunnel in list(self.tunnels.values()):
             tunnel.close(reason, abort=True)
+
+    # --- what a successor carries on -------------------------------------------
+
+    def memory_state(self, now: float) -> dict[str, Any]:
+        """The reconnect window's memory, as ages (monotonic clocks differ
+        between processes)."""
+        return {
+            "last_closed": [[c, h, now - at] for (c, h), at in self.last_closed.items()],
+            "clients": self.memory.state(now),
+        }
+
+    def adopt_memory(self, state: dict[str, Any], now: float) -> None:
+        for client, host, age in state.get("last_closed", ()):
+            key = (str(client), str(host))
+            self.last_closed[key] = max(self.last_closed.get(key, 0.0), now - float(age))
+        self.memory.adopt(state.get("clients", {}), now)
 
     # --- the /tunnels view ----------------------------------------------------
 

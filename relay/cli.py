@@ -1,4 +1,5 @@
-"""Command line: ``run``, ``check``, ``policy``, ``doctor``. No logic of its own."""
+"""Command line: ``run``, ``reload``, ``upgrade``, ``check``, ``policy``, ``doctor``. No
+logic of its own."""
 
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ def _load_document(path: str | None) -> tuple[config.Settings, dict[str, Any]]:
 
 
 async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
+    from relay import upgrade
+    from relay.handover import HANDOVER_ENV, Channel, ChannelClosed, HandoverFailed
     from relay.notify import notify
     from relay.server import Relay
+    from relay.successor import Successor
 
     relay = Relay(
         settings,
@@ -47,13 +51,30 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
     def on_sighup() -> None:
         relay.tasks.spawn(relay.reload(args.config))
 
+    def upgraded(task: asyncio.Task[bool]) -> None:
+        if not task.cancelled() and task.exception() is None and task.result():
+            stop.set()  # a successor took over: drain what stayed, then exit
+
+    def on_sigusr2() -> None:
+        task = upgrade.begin(relay, args.argv, args.pid_file)
+        if task is not None:
+            task.add_done_callback(upgraded)
+
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     # resolver.konnect_ips with fetch: false (a worker's, or an operator's whose
     # file another process keeps current): re-read cache_file.
     loop.add_signal_handler(signal.SIGUSR1, relay.feed.reread)
+    loop.add_signal_handler(signal.SIGUSR2, on_sigusr2)
+    # Started by `konnect-relay upgrade`: take over from the relay that started us.
+    handover = os.environ.pop(HANDOVER_ENV, None)
+    successor = None
     try:
-        await relay.start()
-    except OSError as exc:
+        if handover is not None:
+            successor = Successor(relay, Channel.inherited(int(handover)), args.pid_file)
+            await successor.start()
+        else:
+            await relay.start()
+    except (OSError, ValueError, HandoverFailed, ChannelClosed) as exc:
         print(f"cannot listen: {exc}", file=sys.stderr)
         await relay.stop()
         return 1
@@ -62,14 +83,23 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
     # collection walks only per-tunnel objects and stays short.
     gc.collect()
     gc.freeze()
-    if args.pid_file:
-        Path(args.pid_file).write_text(f"{os.getpid()}\n")
-    notify("READY=1")
+    if successor is not None:
+        try:
+            await successor.receive()
+        except (OSError, ValueError, HandoverFailed) as exc:
+            print(f"upgrade: {exc}", file=sys.stderr)
+            await relay.stop()
+            return 1
+        await successor.take_over()
+    else:
+        if args.pid_file:
+            Path(args.pid_file).write_text(f"{os.getpid()}\n")
+        notify("READY=1")
     try:
         await stop.wait()
         await relay.drain()
     finally:
-        if args.pid_file:
+        if args.pid_file and not relay.handed_over:
             Path(args.pid_file).unlink(missing_ok=True)
     return 0
 
@@ -99,6 +129,16 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return 1
     print(f"reload: sent SIGHUP to {pid}")
     return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Signal the relay in --pid-file to hand over to a successor started from
+    the code now installed (SIGUSR2, upgrade.py); wait for the outcome."""
+    from relay.upgrade import status_path, wait_for_upgrade
+
+    if args.config:
+        _load(args.config)
+    return wait_for_upgrade(args.pid_file, status_path(args.pid_file), args.timeout)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -224,6 +264,17 @@ def parser() -> argparse.ArgumentParser:
     reload.add_argument("--pid-file", required=True, help="the file given to `run --pid-file`")
     reload.add_argument("--config", help="validate this file first; refuse to signal if invalid")
     reload.set_defaults(func=cmd_reload)
+    up = sub.add_parser(
+        "upgrade",
+        help="replace a running relay by one started from the code now installed, "
+        "handing it the listeners and tunnels (SIGUSR2)",
+    )
+    up.add_argument("--pid-file", required=True, help="the file given to `run --pid-file`")
+    up.add_argument("--config", help="validate this file first; refuse to signal if invalid")
+    up.add_argument(
+        "--timeout", type=float, default=120.0, metavar="S", help="give up waiting after S seconds"
+    )
+    up.set_defaults(func=cmd_upgrade)
     check = sub.add_parser("check", help="validate a config file; exit 1 listing every error")
     check.add_argument("--config", required=True)
     check.set_defaults(func=cmd_check)
@@ -271,6 +322,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # What a successor is started with (konnect-relay upgrade): the same arguments.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command != "run":
         # A command whose reader went away (`konnect-relay presets | head`)
         # ends quietly, as Unix tools do; the relay itself keeps Python's

@@ -107,6 +107,42 @@ class ClientMemory:
         )
         entry.refused_at = now
 
+    def state(self, now: float) -> dict[str, Any]:
+        """For a successor (book.memory_state): times as ages."""
+        return {
+            "known": [
+                [
+                    identity,
+                    now - e.seen,
+                    [now - r for r in e.reconnects],
+                    list(e.refusal) if e.refusal else None,
+                    now - e.refused_at if e.refused_at else None,
+                    now - e.closed_at if e.closed_at else None,
+                ]
+                for identity, e in self.known.items()
+            ],
+            "recent": list(self.recent),
+        }
+
+    def adopt(self, state: dict[str, Any], now: float) -> None:
+        """The predecessor's memory, under what this process learnt already."""
+        for identity, seen, reconnects, refusal, refused, closed in state.get("known", ()):
+            if identity in self.known:
+                continue
+            entry = Remembered(now - seen, deque((now - r for r in reconnects), maxlen=64))
+            if refusal is not None:
+                wall, reason, target, status = refusal
+                entry.refusal = (float(wall), str(reason), str(target), int(status))
+            entry.refused_at = now - refused if refused is not None else 0.0
+            entry.closed_at = now - closed if closed is not None else 0.0
+            if len(self.known) >= MAX_REMEMBERED:
+                break
+            self.known[identity] = entry
+        known = {(r.get("at"), r.get("identity")) for r in self.recent}
+        for record in state.get("recent", ()):
+            if (record.get("at"), record.get("identity")) not in known:
+                self.recent.append(record)
+
     def prune(self, now: float, window: float, forget_after: float) -> None:
         for identity in [i for i, e in self.known.items() if now - e.seen > forget_after]:
             del self.known[identity]

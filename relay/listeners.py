@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -115,12 +116,30 @@ def _socket_key(spec: ListenModel) -> str:
 
 @dataclass(eq=False)
 class Slot:
-    """One bound server and the listener its connections get (swappable)."""
+    """One ``listen:`` address's servers (one per socket: a name may resolve
+    to several addresses) and the listener its connections get (swappable)."""
 
     listener: Listener
-    server: asyncio.Server
     address: tuple[str, int]
+    servers: list[asyncio.Server] = field(default_factory=list)
     names: list[tuple[str, int]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    @property
+    def sockets(self) -> list[Any]:
+        return [sock for server in self.servers for sock in server.sockets]
+
+
+@dataclass(eq=False)
+class Handed:
+    """A listener's sockets given to a successor: duplicates kept so that a
+    failed upgrade can take them back (upgrade.py)."""
+
+    slot: Slot
+    socks: list[socket.socket]
 
 
 @dataclass
@@ -156,22 +175,39 @@ class Listeners:
         return [hostport(*name) for slot in self.slots for name in slot.names]
 
     async def bind(
-        self, spec: ListenModel, address: tuple[str, int], ctx: ssl.SSLContext | None = None
+        self,
+        spec: ListenModel,
+        address: tuple[str, int],
+        ctx: ssl.SSLContext | None = None,
+        socks: list[socket.socket] | None = None,
     ) -> Slot:
+        """Listen on ``address``; with ``socks``, on those listening sockets
+        (a predecessor's, upgrade.py) instead of binding new ones."""
         listener = Listener(spec, ctx)
-        slot = Slot(listener, None, address)  # type: ignore[arg-type]
-        server = await asyncio.get_running_loop().create_server(
-            lambda: self.make_protocol(slot),
-            address[0],
-            address[1],
-            backlog=LISTEN_BACKLOG,
-            reuse_address=True,
-            reuse_port=self.reuse_port or None,
-            ssl=listener.ssl,
-            ssl_handshake_timeout=self.handshake_timeout() if listener.ssl else None,
-        )
-        slot.server = server
-        for sock in server.sockets:
+        slot = Slot(listener, address)
+        loop = asyncio.get_running_loop()
+        options: dict[str, Any] = {
+            "backlog": LISTEN_BACKLOG,
+            "ssl": listener.ssl,
+            "ssl_handshake_timeout": self.handshake_timeout() if listener.ssl else None,
+        }
+        if socks is None:
+            slot.servers.append(
+                await loop.create_server(
+                    lambda: self.make_protocol(slot),
+                    address[0],
+                    address[1],
+                    reuse_address=True,
+                    reuse_port=self.reuse_port or None,
+                    **options,
+                )
+            )
+        else:
+            for sock in socks:
+                slot.servers.append(
+                    await loop.create_server(lambda: self.make_protocol(slot), sock=sock, **options)
+                )
+        for sock in slot.sockets:
             # Accepted sockets inherit these on Linux: no per-connection syscalls.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -182,18 +218,53 @@ class Listeners:
         return slot
 
     def _close(self, slot: Slot) -> None:
-        slot.server.close()
+        slot.close()
         for name in slot.names:
             self.on_bound(name, False)
 
     def close(self) -> None:
         """Stop accepting on every listener (drain and stop)."""
         for slot in self.slots:
-            slot.server.close()
+            slot.close()
 
-    async def prepare(self, wanted: list[tuple[ListenModel, tuple[str, int]]]) -> Plan:
+    # --- an upgrade ---------------------------------------------------------------
+
+    def hand_over(self) -> list[Handed]:
+        """Stop accepting, keeping a duplicate of every listening socket (for
+        the successor; ours to take back). New connections wait in the
+        sockets' queues meanwhile: none is refused."""
+        handed = []
+        for slot in self.slots:
+            socks = [socket.socket(fileno=os.dup(sock.fileno())) for sock in slot.sockets]
+            slot.close()
+            handed.append(Handed(slot, socks))
+        return handed
+
+    async def take_back(self, handed: list[Handed]) -> None:
+        """Accept again on the sockets hand_over() kept (a failed upgrade)."""
+        for h in handed:
+            slot = h.slot
+            loop = asyncio.get_running_loop()
+            slot.servers = [
+                await loop.create_server(
+                    lambda s=slot: self.make_protocol(s),
+                    sock=sock,
+                    backlog=LISTEN_BACKLOG,
+                    ssl=slot.listener.ssl,
+                    ssl_handshake_timeout=(self.handshake_timeout() if slot.listener.ssl else None),
+                )
+                for sock in h.socks
+            ]
+
+    async def prepare(
+        self,
+        wanted: list[tuple[ListenModel, tuple[str, int]]],
+        inherited: dict[tuple[str, int], list[list[socket.socket]]] | None = None,
+    ) -> Plan:
         """Read the TLS files and bind new addresses; raise ListenError with
-        every problem (then nothing is bound and nothing changed)."""
+        every problem (then nothing is bound and nothing changed). An address
+        in ``inherited`` (a predecessor's listening sockets by configured
+        address, upgrade.py) is served on those sockets instead of bound."""
         errors: list[str] = []
         contexts: dict[int, ssl.SSLContext] = {}
         for i, (spec, _) in enumerate(wanted):
@@ -208,8 +279,11 @@ class Listeners:
         in_use = {slot.address for slot in self.slots}
         for i, (spec, address) in enumerate(wanted):
             if self._match(spec, address) is None and address not in in_use:
+                socks = (inherited or {}).get(address)
                 try:
-                    plan.fresh[i] = await self.bind(spec, address, contexts.get(i))
+                    plan.fresh[i] = await self.bind(
+                        spec, address, contexts.get(i), socks.pop(0) if socks else None
+                    )
                 except OSError as exc:
                     self.abandon(plan)
                     raise ListenError([f"listen.{i}: {exc}"]) from None

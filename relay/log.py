@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -44,12 +45,16 @@ FLUSH_INTERVAL = 0.05
 # Lines that force a write before the interval is up: bounds the buffer (a few
 # hundred KiB) during a burst.
 MAX_PENDING = 512
+# While another process writes to the same stdout (an upgrade's predecessor and
+# successor, see upgrade.py), lines go out in writes of at most this many
+# bytes, which a pipe keeps whole: no line is cut by the other's.
+SHARED_WRITE = select.PIPE_BUF
 
 
 class EventLog:
     """Writes ``{"ts": ..., "event": ..., **fields}`` lines to a text stream."""
 
-    __slots__ = ("_lines", "_second", "_second_text", "_timer", "loop", "stream")
+    __slots__ = ("_lines", "_second", "_second_text", "_timer", "loop", "shared", "stream")
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
@@ -60,6 +65,7 @@ class EventLog:
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._second_text = ""
+        self.shared = False  # another process writes to the stream too
 
     def timestamp(self) -> str:
         """RFC 3339 UTC with milliseconds; the date part is formatted once a second."""
@@ -105,7 +111,29 @@ class EventLog:
         if not lines:
             return
         try:
-            self.stream.write("".join(lines))
-            self.stream.flush()
+            if self.shared:
+                for group in _groups(lines, SHARED_WRITE):
+                    self.stream.write(group)
+                    self.stream.flush()
+            else:
+                self.stream.write("".join(lines))
+                self.stream.flush()
         except (OSError, ValueError):
             pass  # a closed or broken stdout must not take tunnels down
+
+
+def _groups(lines: list[str], size: int) -> list[str]:
+    """Whole lines joined into pieces of at most ``size`` bytes (a longer
+    line is a piece of its own). Lines are ASCII: characters are bytes."""
+    groups: list[str] = []
+    current: list[str] = []
+    length = 0
+    for line in lines:
+        if current and length + len(line) > size:
+            groups.append("".join(current))
+            current, length = [], 0
+        current.append(line)
+        length += len(line)
+    if current:
+        groups.append("".join(current))
+    return groups

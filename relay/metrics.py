@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -98,6 +99,17 @@ class LazyHistogram:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def state(self) -> dict[str, Any]:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
+
+    def add(self, state: dict[str, Any]) -> None:
+        """Add another histogram's counts (same buckets only)."""
+        if tuple(state["bounds"]) != self.bounds:
+            return
+        for i, count in enumerate(state["counts"]):
+            self.counts[i] += int(count)
+        self.sum += float(state["sum"])
 
     def cumulative(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
@@ -247,6 +259,69 @@ class Metrics:
         self.ready = Gauge(
             "konnect_relay_ready", "1 while accepting new tunnels, 0 while draining", registry=r
         )
+
+    def counters(self) -> list[Counter]:
+        """The client library's counters among these families (for carry())."""
+        return [
+            self.requests_denied,
+            self.early_closes,
+            self.would_deny,
+            self.connect_failures,
+            self.egress_reconnects,
+            self.reloads,
+            self.konnect_ips.refreshes,
+        ]
+
+    def carried(self) -> dict[str, Any]:
+        """Every cumulative series, for a successor to continue from (so an
+        upgrade is no counter reset to rate()); gauges are its own."""
+        counters: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for counter in self.counters():
+            for family in counter.collect():
+                counters[family.name] = [
+                    (s.labels, s.value) for s in family.samples if s.name.endswith("_total")
+                ]
+        return {
+            "hosts": {
+                label: {
+                    "opened": h.opened,
+                    "reconnects": h.reconnects,
+                    "up": h.up,
+                    "down": h.down,
+                    "closed": h.closed,
+                    "duration": h.duration.state(),
+                }
+                for label, h in self.hosts.items()
+            },
+            "connect": {egress: hist.state() for egress, hist in self.connect.items()},
+            "counters": counters,
+        }
+
+    def add_carried(self, state: dict[str, Any]) -> None:
+        """Add a predecessor's totals (carried()) to ours. A series this
+        version no longer has, or a histogram whose buckets changed, is left out."""
+        for label, h in state.get("hosts", {}).items():
+            series = self.host(label)
+            series.opened += int(h["opened"])
+            series.reconnects += int(h["reconnects"])
+            series.up += int(h["up"])
+            series.down += int(h["down"])
+            for reason, count in h["closed"].items():
+                series.closed[reason] = series.closed.get(reason, 0) + int(count)
+            series.duration.add(h["duration"])
+        for egress, hist in state.get("connect", {}).items():
+            self.connect_time(egress).add(hist)
+        by_name = {family.name: c for c in self.counters() for family in c.collect()}
+        for name, samples in state.get("counters", {}).items():
+            counter = by_name.get(name)
+            if counter is None:
+                continue
+            for labels, value in samples:
+                try:
+                    target = counter.labels(**labels) if labels else counter
+                    target.inc(float(value))
+                except ValueError:  # label names changed
+                    continue
 
     def reply(self) -> Reply:
         """/metrics: the exposition of this registry."""

@@ -45,6 +45,9 @@ DEFAULT_CONNECT_TIMEOUT = 4 * SECONDS
 DEFAULT_HEAD_TIMEOUT = 10 * SECONDS
 # Kubernetes' default terminationGracePeriodSeconds is 30 s.
 DEFAULT_DRAIN_TIMEOUT = 25 * SECONDS
+# konnect-relay upgrade: the successor must be ready, and answer each step of the
+# handover, within this (it imports, loads the config, starts its egress).
+DEFAULT_UPGRADE_TIMEOUT = 30 * SECONDS
 DEFAULT_RECONNECT_WINDOW = 15 * MINUTES
 DEFAULT_CACHE_TTL = 30 * SECONDS
 DEFAULT_DNS_TIMEOUT = 2 * SECONDS  # inside the connect timeout, which covers both
@@ -448,6 +451,7 @@ class LimitsModel(_Strict):
     head_timeout: PositiveSeconds = DEFAULT_HEAD_TIMEOUT
     connect_timeout: PositiveSeconds = DEFAULT_CONNECT_TIMEOUT
     drain_timeout: Seconds = DEFAULT_DRAIN_TIMEOUT
+    upgrade_timeout: PositiveSeconds = DEFAULT_UPGRADE_TIMEOUT
     reconnect_window: PositiveSeconds = DEFAULT_RECONNECT_WINDOW
     tls_peek_timeout: PositiveSeconds = DEFAULT_HEAD_TIMEOUT
     max_tunnels: int | None = Field(default=None, ge=1)

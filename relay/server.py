@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import socket
 import time
+from typing import TYPE_CHECKING
 
 from relay import config, splice
 from relay.actions import act
@@ -36,6 +38,9 @@ from relay.resolver import KonnectPins, resolver_for
 from relay.status import page_routes
 from relay.tasks import TaskSet
 from relay.tunnel import PeekHello
+
+if TYPE_CHECKING:
+    from relay.upgrade import Upgrade
 
 # Upper bound on the idle sweep period (idle detection and last_activity are
 # accurate to one period).
@@ -100,6 +105,9 @@ class Relay:
         self.admin_path = admin_path
         self.admin_address = ""
         self.draining = False
+        self.upgrade: Upgrade | None = None  # while handing over to a successor
+        self.upgrade_task: asyncio.Task[bool] | None = None
+        self.handed_over = False  # a successor took over: drain what stayed, exit
         self.stopped = asyncio.Event()
         self.started = time.time()
         self.last_reload: dict[str, object] | None = None  # for the status page
@@ -134,29 +142,46 @@ class Relay:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(
+        self,
+        inherited: dict[tuple[str, int], list[list[socket.socket]]] | None = None,
+        *,
+        defer_admin: bool = False,
+    ) -> None:
+        """Listen and serve. A successor (successor.py) serves on the
+        predecessor's ``inherited`` listening sockets, and with
+        ``defer_admin`` starts its admin listener later, on the predecessor's."""
         try:
-            plan = await self.listeners.prepare(self._wanted(self.settings))
+            plan = await self.listeners.prepare(self._wanted(self.settings), inherited)
             await self.listeners.commit(plan)
         except ListenError as exc:
             raise OSError("; ".join(exc.errors)) from None
-        if self.admin_path is not None:
-            self.admin_address = await self.admin.start_unix(self.admin_path)
-        elif self.settings.admin is not None:
-            self.admin_address = await self.admin.start(*self.settings.admin)
+        if not defer_admin:
+            await self.start_admin(None)
         for dialer in self.dialers.values():
             await dialer.start()
         self._note_unpinned()
         await self.feed.start()
         self.metrics.ready.set(1)
         self._schedule_sweep()
+        if not defer_admin:
+            self.announce()
+
+    def announce(self, **extra: object) -> None:
         self.log(
             "listening",
             proxy=self.listeners.addresses,
             admin=self.admin_address or None,
             egress=self.settings.egress,
             config=self.settings.source,
+            **extra,
         )
+
+    async def start_admin(self, sock: socket.socket | None) -> None:
+        if self.admin_path is not None:
+            self.admin_address = await self.admin.start_unix(self.admin_path)
+        elif self.settings.admin is not None:
+            self.admin_address = await self.admin.start(*self.settings.admin, sock=sock)
 
     @staticmethod
     def _wanted(settings: Settings) -> list[tuple[config.ListenModel, tuple[str, int]]]:
@@ -164,11 +189,14 @@ class Relay:
 
     async def reload(self, path: str | None) -> bool:
         """Re-read the config: all of it, or none of it (see _apply)."""
+        if self.upgrade is not None:
+            self.log("reload_failed", config=path, errors=["an upgrade is in progress"])
+            return False
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             try:
                 new = config.load(path)
-                await self._apply(new)
+                await _apply(self, new)
             except config.ConfigError as exc:
                 self.metrics.reloads.labels("error").inc()
                 self.log("reload_failed", config=exc.source, errors=exc.errors)
@@ -180,52 +208,18 @@ class Relay:
         finally:
             notify("READY=1")
 
-    async def _apply(self, new: Settings) -> None:
-        """Everything that can fail (TLS files, binding new addresses) happens
-        first, while the old config serves; a failure is a ConfigError and
-        nothing changed. Then the swap, which cannot fail."""
-        old = self.settings
-        try:
-            plan = await self.listeners.prepare(self._wanted(new))
-            await self.listeners.commit(plan)
-        except ListenError as exc:
-            raise config.ConfigError(exc.errors, new.source) from None
-        resolver = resolver_for(new, self.feed.pins)
-        resolver.listening = self.resolver.listening
-        dialers = make_dialers(
-            new.egress_config, resolver, self._egress_state, self._egress_reconnect
-        )
-        kept: dict[str, Dialer] = {}
-        for name, dialer in dialers.items():
-            previous = self.dialers.get(name)
-            if previous is not None and old.egress_config.settings_of(
-                name
-            ) == new.egress_config.settings_of(name):
-                previous.retarget(resolver)
-                kept[name] = previous  # e.g. keep the live SSH connection and its tunnels
-            else:
-                await dialer.start()
-                kept[name] = dialer
-        retired = [d for n, d in self.dialers.items() if kept.get(n) is not d]
-        self.settings, self.resolver, self.dialers = new, resolver, kept
-        self.admission = Admission(new)
-        for dialer in retired:
-            await dialer.close()
-        await self.feed.reconfigure(new)
-        self._note_unpinned()
-        revoked = self.book.close_where(self.admission.revokes, "policy_revoked")
-        extra = {}
-        if new.admin != old.admin:
-            extra["admin_unchanged"] = "admin.address changes on restart, not on reload"
-        self.log("reloaded", config=new.source, tunnels=len(self.book), revoked=revoked, **extra)
-
     async def drain(self) -> None:
         """Stop accepting; let dials and live tunnels run until one deadline,
         drain_timeout from now; then close what is left and stop."""
         if self.draining:
             return
+        if self.upgrade_task is not None and not self.upgrade_task.done():
+            self.upgrade_task.cancel()  # the successor is killed, everything resumes here
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.upgrade_task
         self.draining = True
-        notify("STOPPING=1")
+        if not self.handed_over:  # else systemd follows the successor already
+            notify("STOPPING=1")
         self.metrics.ready.set(0)
         self.listeners.close()
         for conn in list(self.pending):
@@ -287,10 +281,53 @@ class Relay:
 
     def _sweep(self) -> None:
         settings = self.settings
+        if self.upgrade is not None:  # tunnels on their way out are not touched
+            self._schedule_sweep()
+            return
         self.book.sweep(
             time.monotonic(), settings.limits.idle_timeout, settings.data_planes.forget_after
         )
         self._schedule_sweep()
+
+
+async def _apply(relay: Relay, new: Settings) -> None:
+    """Everything that can fail (TLS files, binding new addresses) happens
+    first, while the old config serves; a failure is a ConfigError and
+    nothing changed. Then the swap, which cannot fail."""
+    old = relay.settings
+    try:
+        plan = await relay.listeners.prepare(relay._wanted(new))
+        await relay.listeners.commit(plan)
+    except ListenError as exc:
+        raise config.ConfigError(exc.errors, new.source) from None
+    resolver = resolver_for(new, relay.feed.pins)
+    resolver.listening = relay.resolver.listening
+    dialers = make_dialers(
+        new.egress_config, resolver, relay._egress_state, relay._egress_reconnect
+    )
+    kept: dict[str, Dialer] = {}
+    for name, dialer in dialers.items():
+        previous = relay.dialers.get(name)
+        if previous is not None and old.egress_config.settings_of(
+            name
+        ) == new.egress_config.settings_of(name):
+            previous.retarget(resolver)
+            kept[name] = previous  # e.g. keep the live SSH connection and its tunnels
+        else:
+            await dialer.start()
+            kept[name] = dialer
+    retired = [d for n, d in relay.dialers.items() if kept.get(n) is not d]
+    relay.settings, relay.resolver, relay.dialers = new, resolver, kept
+    relay.admission = Admission(new)
+    for dialer in retired:
+        await dialer.close()
+    await relay.feed.reconfigure(new)
+    relay._note_unpinned()
+    revoked = relay.book.close_where(relay.admission.revokes, "policy_revoked")
+    extra = {}
+    if new.admin != old.admin:
+        extra["admin_unchanged"] = "admin.address changes on restart, not on reload"
+    relay.log("reloaded", config=new.source, tunnels=len(relay.book), revoked=revoked, **extra)
 
 
 def _now() -> str:

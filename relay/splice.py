@@ -40,7 +40,10 @@ import os
 import resource
 import socket
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
+
+from relay.sockets import was_reset
 
 # Bytes one direction carries on the transport path before the tunnel moves to
 # splice: the handshakes and pings of a Kong tunnel stay far below it, a bulk
@@ -108,43 +111,6 @@ def available() -> bool:
     """False once the kernel refused to splice sockets: new tunnels stay on
     their transports (the ones already switched copy instead)."""
     return _state.works
-
-
-def plain_tcp(transport: Any) -> bool:
-    """True for a transport that owns a plain TCP socket: no TLS layer (a TLS
-    listener, a TLS parent proxy), no SSH channel, no Unix socket. Only these
-    can be taken over; anything else stays on the transport path."""
-    kind = type(transport).__name__
-    if kind == "TCPTransport":
-        return True  # uvloop's: TCP only, never TLS (its TLS transport is another class)
-    if kind != "_SelectorSocketTransport":  # asyncio's, for TCP and Unix sockets
-        return False
-    if transport.get_extra_info("sslcontext") is not None:
-        return False
-    # An IP peer's address is a tuple, a Unix one a string. (Not the "socket"
-    # extra: uvloop creates and keeps an object per transport for it, memory
-    # every idle tunnel would carry.)
-    return isinstance(transport.get_extra_info("peername"), tuple)
-
-
-# tcp_states.h. A socket whose peer ended with a FIN sits in CLOSE_WAIT until
-# we send ours; one the peer reset is in TCP_CLOSE. (Once we have sent our FIN,
-# the peer's FIN moves the socket to TIME_WAIT, whose user-side state is
-# TCP_CLOSE too: only before our FIN does TCP_CLOSE mean a reset.)
-_TCP_CLOSE = 7
-
-
-def _reset(sock: socket.socket) -> bool:
-    """Whether an end of stream on a socket we have not shut down was really a
-    reset. A socket reports a reset once, and splice() can swallow that report:
-    when a splice into the socket moved some bytes before the send that hit
-    the reset, it returns the count and the error is gone. The next read then
-    sees a plain end of stream."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
-    except OSError:
-        return True
-    return info[0] == _TCP_CLOSE
 
 
 class Owner(Protocol):
@@ -328,7 +294,7 @@ class Pump:
         link = self.link
         other = link.down if self is link.up else link.up
         we_sent_fin = other.eof and not other.pending  # other.forward_eof() ran
-        if not we_sent_fin and _reset(self.src_sock):
+        if not we_sent_fin and was_reset(self.src_sock):
             link.fail(self.src_sock, ConnectionResetError())
             return
         self.stop_reading()
@@ -405,7 +371,7 @@ class Pump:
 class Link:
     """Both directions of a spliced tunnel; owns both sockets from ``take`` on."""
 
-    __slots__ = ("client", "closed", "closing", "down", "loop", "owner", "up", "upstream")
+    __slots__ = ("client", "closed", "closing", "down", "held", "loop", "owner", "up", "upstream")
 
     def __init__(
         self,
@@ -423,6 +389,7 @@ class Link:
         self.down = Pump(self, upstream, client, down, self.loop)
         self.closing = False
         self.closed = False
+        self.held: Callable[[], None] | None = None  # moving out: called once drained
 
     @classmethod
     def take(
@@ -474,15 +441,42 @@ class Link:
         if self.closed:
             return
         self.closing = True
+        self.held = None
         self.up.stop_reading()
         self.down.stop_reading()
         if abort or not (self.up.pending or self.down.pending):
             self.release()
 
     def flushed(self) -> None:
-        """A pump emptied while closing."""
+        """A pump emptied while closing or held."""
         if not (self.up.pending or self.down.pending):
-            self.release()
+            if self.held is not None:
+                self.held()
+            else:
+                self.release()
+
+    def hold(self, ready: Callable[[], None]) -> None:
+        """Stop reading; ``ready()`` once the pipes are empty (moving.py)."""
+        self.closing = True  # no pump reads again
+        self.held = ready
+        self.up.stop_reading()
+        self.down.stop_reading()
+        self.flushed()
+
+    def unhold(self) -> None:
+        if self.held is not None and not self.closed:
+            self.closing, self.held = False, None
+            self.start()
+
+    def detach(self) -> None:
+        """Drop our descriptors without a FIN: another process has the sockets."""
+        self.held = None
+        self.closed = True
+        for pump in (self.up, self.down):
+            pump.stop()
+            pump.close_pipe()
+        self.client.close()
+        self.upstream.close()
 
     def release(self) -> None:
         if self.closed:

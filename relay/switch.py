@@ -21,7 +21,7 @@ def begin(tunnel: Tunnel) -> None:
     """Called once, when a side passes SWITCH_AFTER: pause both transports
     and switch as soon as both write buffers are empty. A tunnel that is
     closing, half-closed or still peeking stays on its transports."""
-    if tunnel.switch_at == t.DRAINING:
+    if tunnel.switch_at < 0:  # switching already, or moving out (moving.py)
         return
     tunnel.switch_at = t.NEVER
     cs, us = tunnel.client_side, tunnel.upstream_side
@@ -43,7 +43,7 @@ def begin(tunnel: Tunnel) -> None:
     if client.get_write_buffer_size() or upstream.get_write_buffer_size():
         # With limits (0, 0) a transport calls resume_writing exactly when
         # its buffer becomes empty (pause_writing first, if it was not
-        # paused already): that is when complete_splice tries again.
+        # paused already): that is when complete() tries again (Tunnel.buffer_empty).
         tunnel.switch_at = t.DRAINING
         client.set_write_buffer_limits(0, 0)
         upstream.set_write_buffer_limits(0, 0)

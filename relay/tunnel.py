@@ -32,10 +32,15 @@ import itertools
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from relay import splice, switch, tlspeek
 from relay.deadlines import Waiting
 from relay.metrics import HostSeries
+from relay.sockets import plain_tcp
+
+if TYPE_CHECKING:
+    from relay.moving import Hold
 
 # Per-direction write-buffer watermarks. 256 KiB keeps a 10 Gb/s loopback pipe
 # full while bounding a tunnel to ~0.5 MiB of user-space buffering even when a
@@ -49,6 +54,9 @@ NEVER = 1 << 62
 # Tunnel.switch_at while both transports are paused until their write buffers
 # are empty, just before the switch.
 DRAINING = -1
+# Tunnel.switch_at while both transports are paused until their write buffers
+# are empty, before the tunnel moves to a successor (moving.py).
+MOVING = -2
 
 _ids = itertools.count(1)
 
@@ -84,8 +92,8 @@ class _Side(asyncio.Protocol):
         self.peer.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
-        if self.tunnel.switch_at == DRAINING:
-            self.tunnel.complete_splice()  # limits are (0, 0): this buffer is empty
+        if self.tunnel.switch_at < 0:
+            self.tunnel.buffer_empty()  # limits are (0, 0): this buffer is empty
             return
         self.peer.resume_reading()  # type: ignore[union-attr]
 
@@ -212,6 +220,7 @@ class Tunnel:
         "link",
         "listener",
         "lost",
+        "mover",
         "on_closed",
         "opened_at",
         "opened_mono",
@@ -254,6 +263,7 @@ class Tunnel:
         self.closed_at: float | None = None
         self.lost = 0
         self.link: splice.Link | None = None
+        self.mover: Hold | None = None  # while moving to a successor (moving.py)
         # SO_KEEPALIVE still to be set on the upstream (server's sweep).
         self.keepalive_due = False
         # A side that has carried this many bytes starts the switch to splice.
@@ -285,7 +295,7 @@ class Tunnel:
         client's bytes go through the ClientHello check first."""
         cs, us = self.client_side, self.upstream_side
         cs.peer, us.peer = upstream, client
-        if splice.available() and splice.plain_tcp(client) and splice.plain_tcp(upstream):
+        if splice.available() and plain_tcp(client) and plain_tcp(upstream):
             self.switch_at = splice.SWITCH_AFTER
         cs.connection_made(client)
         upstream.set_protocol(us)
@@ -330,8 +340,12 @@ class Tunnel:
         """A side passed SWITCH_AFTER: move to the in-kernel pump (switch.py)."""
         switch.begin(self)
 
-    def complete_splice(self) -> None:
-        switch.complete(self)
+    def buffer_empty(self) -> None:
+        """A write buffer emptied while switching to splice or moving out."""
+        if self.switch_at == DRAINING:
+            switch.complete(self)
+        elif self.mover is not None:
+            self.mover.flushed()
 
     def link_eof(self, from_client: bool) -> None:
         if self.close_reason is None:
