@@ -28,7 +28,17 @@ def _load_document(path: str | None) -> tuple[config.Settings, dict[str, Any]]:
         print(f"{where}: {len(exc.errors)} error(s)", file=sys.stderr)
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
+        _refuse_handover(f"{where}: {len(exc.errors)} error(s): {'; '.join(exc.errors)}")
         raise SystemExit(1) from None
+
+
+def _refuse_handover(cause: str) -> None:
+    """A successor that cannot start says why to the relay that started it."""
+    from relay.handover import HANDOVER_ENV, refuse
+
+    fd = os.environ.get(HANDOVER_ENV)
+    if fd is not None and fd.isdigit():
+        refuse(int(fd), cause)
 
 
 async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
@@ -56,6 +66,9 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
             stop.set()  # a successor took over: drain what stayed, then exit
 
     def on_sigusr2() -> None:
+        if getattr(args, "worker_index", None) is not None:
+            relay.log("upgrade_refused", detail="a worker is upgraded by its supervisor")
+            return
         task = upgrade.begin(relay, args.argv, args.pid_file)
         if task is not None:
             task.add_done_callback(upgraded)
@@ -113,6 +126,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from relay.workerconf import worker_count
 
         if worker_count(settings) > 1:
+            from relay.handover import HANDOVER_ENV
+
+            if os.environ.get(HANDOVER_ENV):
+                cause = "workers: N > 1 in the new config: changing to workers needs a restart"
+                print(f"upgrade: {cause}", file=sys.stderr)
+                _refuse_handover(cause)
+                return 1
             return supervisor.run(settings, document, args)
     return uvloop.run(_serve(settings, args))
 

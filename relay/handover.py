@@ -186,3 +186,13 @@ def close_fds(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def refuse(fd: int, cause: str) -> None:
+    """Tell the predecessor why this successor will not start (before any
+    event loop: a config that does not load). The predecessor carries on."""
+    message = _LAST + json.dumps({"type": "failed", "cause": cause[: PACKET // 2]}).encode()
+    with contextlib.suppress(OSError):
+        sock = socket.socket(fileno=fd)
+        sock.sendmsg([message])
+        sock.close()

@@ -174,11 +174,11 @@ def export(tunnel: Tunnel, now: float) -> dict[str, Any]:
         "label": tunnel.label,
         "egress": tunnel.egress,
         "listener": tunnel.listener,
+        # Wall-clock times: both processes share that clock, not the monotonic one.
         "opened_at": tunnel.opened_at,
-        "age": now - tunnel.opened_mono,
+        "last_activity_at": tunnel.activity(now) + (time.time() - now),
         "up": tunnel.bytes_up,
         "down": tunnel.bytes_down,
-        "idle": now - tunnel.activity(now),
         "keepalive": tunnel.keepalive_due,
         "close_reason": tunnel.close_reason,
     }
@@ -214,7 +214,7 @@ def _returning(holder: _Adopting) -> Callable[[], _Adopting]:
 
 def adopted(state: dict[str, Any], on_closed: Callable[[Tunnel], None]) -> Tunnel:
     """The tunnel object for a moved tunnel's state (its sockets come next)."""
-    now = time.monotonic()
+    now, wall = time.monotonic(), time.time()
     tunnel = t.Tunnel(
         str(state["client"]),
         str(state["host"]),
@@ -228,11 +228,11 @@ def adopted(state: dict[str, Any], on_closed: Callable[[Tunnel], None]) -> Tunne
     user, cert, source = state["who"]
     tunnel.who = (user, cert, str(source))
     tunnel.opened_at = float(state["opened_at"])
-    tunnel.opened_mono = now - float(state["age"])
+    tunnel.opened_mono = now - (wall - tunnel.opened_at)
     tunnel.client_side.nbytes = tunnel.folded_up = int(state["up"])
     tunnel.upstream_side.nbytes = tunnel.folded_down = int(state["down"])
     tunnel.seen_bytes = tunnel.bytes_up + tunnel.bytes_down
-    tunnel.last_activity = now - float(state["idle"])
+    tunnel.last_activity = now - (wall - float(state["last_activity_at"]))
     tunnel.keepalive_due = bool(state["keepalive"])
     tunnel.close_reason = state["close_reason"]
     return tunnel

@@ -9,7 +9,8 @@ already is the successor's: nobody else holds it any more.
 
 ``HANDOVER_FAULT_ENV`` names a file whose content, when the file exists, is a
 step at which this successor fails on purpose (``hello``, ``listeners``,
-``accepting``, ``tunnels``, ``done``, or ``stall``: stop answering). It is
+``accepting``, ``tunnels``, ``done``; ``stall``: stop answering;
+``kill_predecessor``: kill the predecessor after the first batch). It is
 how the tests show that a failure at each step loses nothing.
 """
 
@@ -137,6 +138,8 @@ class Successor:
                     t = moving.adopted(state, self.relay.book.closed)
                     self.adopted.append((t, fds[2 * i], fds[2 * i + 1]))
                 await channel.send({"type": "adopted", "count": len(states)})
+                if self.fault == "kill_predecessor":  # the predecessor dies midway
+                    os.kill(os.getppid(), signal.SIGKILL)
             elif kind == "done":
                 await self._crash_at("done")
                 self.done = message

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -47,18 +48,18 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-)
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from relay import config
 from relay.admin import AdminServer, Handler, Query, Reply, json_reply, text
 from relay.config import SECONDS, Settings
+from relay.files import write_atomically
 from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
 from relay.notify import notify
 from relay.status import file_routes
 from relay.tasks import TaskSet
+from relay.upgrade import status_path
 from relay.workerconf import PortReservations, worker_count, worker_document, write_worker_file
 from relay.workers import Backoff, Worker, WorkerFeed, WorkerOutput, WorkerViews, child_setup
 
@@ -185,6 +186,14 @@ class Supervisor:
 
     # --- reload ----------------------------------------------------------------------------
 
+    def on_sigusr2(self) -> None:
+        """`konnect-relay upgrade`: not with workers (README: Upgrading)."""
+        cause = "not available with workers: N > 1; restart the relay instead"
+        self.log("upgrade_failed", step="start", cause=cause)
+        if self.pid_file:
+            record = {"state": "failed", "pid": os.getpid(), "step": "start", "cause": cause}
+            write_atomically(status_path(self.pid_file), json.dumps(record).encode(), mode=0o644)
+
     def on_sighup(self) -> None:
         self.tasks.spawn(self.reload())
 
@@ -261,6 +270,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop.set)
         self.loop.add_signal_handler(signal.SIGHUP, self.on_sighup)
+        self.loop.add_signal_handler(signal.SIGUSR2, self.on_sigusr2)
         try:
             try:
                 await self.start_admin()

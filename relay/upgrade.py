@@ -36,8 +36,10 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +63,32 @@ ROUNDS_FOR = 2.0
 ROUND_EVERY = 0.05
 
 
+async def exited(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait (without blocking the loop) until ``proc`` has exited, and reap it."""
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except OSError:  # reaped already
+        proc.poll()
+        return
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        async with asyncio.timeout(timeout):
+            await gone
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    proc.poll()
+
+
 def status_path(pid_file: str) -> str:
     return f"{pid_file}.upgrade"
 
@@ -73,7 +101,7 @@ class Upgrade:
         self.argv = argv
         self.pid_file = pid_file
         self.loop = asyncio.get_running_loop()
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.channel: Channel | None = None
         self.handed: list[Handed] = []
         self.admin_sock: Any = None
@@ -107,6 +135,10 @@ class Upgrade:
         except asyncio.CancelledError:
             await self._fail("cancelled: the relay is stopping")
             raise
+        except Exception as exc:  # a bug: still, everything resumes here
+            traceback.print_exc()
+            await self._fail(f"internal error: {exc!r}")
+            return False
         finally:
             if self.channel is not None:
                 self.channel.close()
@@ -136,12 +168,11 @@ class Upgrade:
         self.channel, theirs = Channel.pair()
         channel = self.channel
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "relay",
-                *self.argv,
-                stdin=asyncio.subprocess.DEVNULL,
+            # subprocess, not the loop's: uvloop's pass_fds leaves copies of
+            # stdout and stderr open in the child.
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relay", *self.argv],
+                stdin=subprocess.DEVNULL,
                 pass_fds=[theirs.fileno()],
                 env={**os.environ, HANDOVER_ENV: str(theirs.fileno())},
             )
@@ -264,24 +295,29 @@ class Upgrade:
         """Kill the successor and carry on with everything."""
         relay = self.relay
         proc = self.proc
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGKILL)
         if proc is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await proc.wait()
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGKILL)
+                await exited(proc, 5.0)
             if proc.returncode is not None and proc.returncode > 0 and self.step == "hello":
                 cause = f"{cause} (the successor exited with status {proc.returncode})"
+        resumed = 0
         for hold in self.held:
-            hold.resume()
-        resumed = len(self.held)
+            try:
+                hold.resume()
+                resumed += 1
+            except Exception:  # one tunnel's trouble must not keep the rest
+                traceback.print_exc()
         self.held.clear()
-        if self.handed:
-            await relay.listeners.take_back(self.handed)
-        if self.admin_sock is not None and relay.settings.admin is not None:
-            await relay.admin.start(*relay.settings.admin, sock=self.admin_sock)
-            self.admin_sock = None
+        try:
+            if self.handed:
+                await relay.listeners.take_back(self.handed)
+            if self.admin_sock is not None and relay.settings.admin is not None:
+                await relay.admin.start(*relay.settings.admin, sock=self.admin_sock)
+                self.admin_sock = None
+        except OSError as exc:
+            cause = f"{cause}; and listening again failed: {exc}"
         relay.log(
             "upgrade_failed",
             step=self.step,
@@ -313,13 +349,12 @@ def handles_upgrades(pid: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie, exited and not yet reaped, is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _read_pid(path: str) -> int | None:
@@ -375,8 +410,14 @@ def wait_for_upgrade(pid_file: str, status_file: str, timeout: float) -> int:
                     f"stay with {pid} until they end (limits.drain_timeout)"
                 )
                 return 0
-        if state is None and not _alive(pid):
-            print(f"upgrade: the relay {pid} exited during the upgrade", file=sys.stderr)
+        if state not in ("done", "failed") and not _alive(pid):
+            now = _read_pid(pid_file)
+            taken = (
+                f"; {now} took over what had passed to it"
+                if now not in (None, pid) and now is not None and _alive(now)
+                else ""
+            )
+            print(f"upgrade: the relay {pid} exited during the upgrade{taken}", file=sys.stderr)
             return 1
         time.sleep(POLL_EVERY)
     print(f"upgrade: no outcome within {timeout:g} s (see the relay's log)", file=sys.stderr)

@@ -227,14 +227,24 @@ class RelayProcess:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or (self.proc.poll() is not None and self.events.empty()):
+            # Ended: the process exited and its stdout is at its end (a
+            # successor, konnect-relay upgrade, writes to the same pipe).
+            ended = self.proc.poll() is not None and not self._reader.is_alive()
+            if remaining <= 0 or (ended and self.events.empty()):
                 err = ""
                 if (
                     self.proc.poll() is not None
                     and self.proc.stderr
                     and not self.proc.stderr.closed
                 ):
-                    err = self.proc.stderr.read()
+                    # What is there: a successor (konnect-relay upgrade) may
+                    # hold the pipe open after this process exited.
+                    fd = self.proc.stderr.fileno()
+                    os.set_blocking(fd, False)
+                    try:
+                        err = os.read(fd, 1 << 16).decode(errors="replace")
+                    except BlockingIOError:
+                        err = ""
                 raise AssertionError(f"event not seen within {timeout} s; stderr: {err}")
             try:
                 event = self.events.get(timeout=min(remaining, 0.5))
