@@ -76,7 +76,10 @@ class Channel:
 
     @classmethod
     def inherited(cls, fd: int) -> Channel:
-        sock = socket.socket(fileno=fd)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise OSError(f"descriptor {fd} is not a handover channel: {exc}") from None
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
             sock.detach()
             raise OSError(f"descriptor {fd} is not a handover channel")

@@ -143,6 +143,7 @@ class Upgrade:
             if self.channel is not None:
                 self.channel.close()
         assert self.proc is not None
+        spliced = sum(1 for hold in self.held if hold.tunnel.link is not None)
         for hold in self.held:
             hold.release(relay.book)
         for h in self.handed:
@@ -155,6 +156,7 @@ class Upgrade:
             "handed_over",
             successor=self.proc.pid,
             moved=len(self.held),
+            spliced=spliced,
             stayed=len(relay.book),
             stayed_by=dict(self.stayed),
             handover_s=round(self.loop.time() - begun, 3),
