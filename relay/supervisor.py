@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -53,13 +52,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from relay import config
 from relay.admin import AdminServer, Handler, Query, Reply, json_reply, text
 from relay.config import SECONDS, Settings
-from relay.files import write_atomically
 from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
 from relay.notify import notify
 from relay.status import file_routes
 from relay.tasks import TaskSet
-from relay.upgrade import status_path
+from relay.upgrade import report
 from relay.workerconf import PortReservations, worker_count, worker_document, write_worker_file
 from relay.workers import Backoff, Worker, WorkerFeed, WorkerOutput, WorkerViews, child_setup
 
@@ -190,9 +188,7 @@ class Supervisor:
         """`konnect-relay upgrade`: not with workers (README: Upgrading)."""
         cause = "not available with workers: N > 1; restart the relay instead"
         self.log("upgrade_failed", step="start", cause=cause)
-        if self.pid_file:
-            record = {"state": "failed", "pid": os.getpid(), "step": "start", "cause": cause}
-            write_atomically(status_path(self.pid_file), json.dumps(record).encode(), mode=0o644)
+        report(self.pid_file, "failed", step="start", cause=cause)
 
     def on_sighup(self) -> None:
         self.tasks.spawn(self.reload())

@@ -93,6 +93,14 @@ def status_path(pid_file: str) -> str:
     return f"{pid_file}.upgrade"
 
 
+def report(pid_file: str | None, state: str, **fields: Any) -> None:
+    """The outcome beside the pid file, for `konnect-relay upgrade` to read."""
+    if pid_file:
+        record = {"state": state, "pid": os.getpid(), **fields}
+        with contextlib.suppress(OSError):
+            write_atomically(status_path(pid_file), json.dumps(record).encode() + b"\n", mode=0o644)
+
+
 class Upgrade:
     """One upgrade of ``relay``; ``argv`` are the arguments it was started with."""
 
@@ -111,12 +119,7 @@ class Upgrade:
         self.succeeded = False
 
     def report(self, state: str, **fields: Any) -> None:
-        if self.pid_file:
-            record = {"state": state, "pid": os.getpid(), **fields}
-            with contextlib.suppress(OSError):
-                write_atomically(
-                    status_path(self.pid_file), json.dumps(record).encode() + b"\n", mode=0o644
-                )
+        report(self.pid_file, state, **fields)
 
     async def run(self) -> bool:
         """The whole upgrade; True once the successor has taken over."""
@@ -431,6 +434,12 @@ def begin(relay: Relay, argv: list[str], pid_file: str | None) -> asyncio.Task[b
     already or the relay is draining."""
     if relay.upgrade is not None or relay.draining:
         relay.log("upgrade_refused", detail="an upgrade is running, or the relay is draining")
+        return None
+    if os.getpid() == 1:
+        # A container's PID 1: when it exits the container ends, successor and all.
+        cause = "the relay is PID 1 (a container): deploy a new container (a rolling update)"
+        relay.log("upgrade_failed", step="start", cause=cause)
+        report(pid_file, "failed", step="start", cause=cause)
         return None
     upgrade = relay.upgrade = Upgrade(relay, argv, pid_file)
     relay.log.shared = True  # the successor writes to the same stdout

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.support.helpers import (
+    NotifySocket,
     connect_via,
     curl_whoami,
     echo,
@@ -373,6 +374,31 @@ def relay_tls_address(relay: RelayProcess) -> tuple[str, int]:
             host, _, port = record["proxy"][1].rpartition(":")
             return host, int(port)
     raise AssertionError("no listening line")
+
+
+def test_systemd_follows_the_successor(upgradable: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sd_notify: READY=1 from the relay; after the upgrade MAINPID=<successor>
+    and READY=1 from the successor (NotifyAccess=all); the predecessor, which
+    drains in the background, never says STOPPING=1."""
+    notify = NotifySocket()
+    monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+    try:
+        with tcp_peer(echo) as (port, _):
+            relay = upgradable(peer_config(port))
+            assert notify.recv() == ("READY=1", relay.proc.pid)
+            socks = echo_tunnels(relay, 2)
+            outcome = upgrade(relay)
+            assert outcome.returncode == 0, outcome.stderr
+            successor = current_pid(relay)
+            assert notify.recv() == (f"MAINPID={successor}\nREADY=1", successor)
+            assert relay.proc.wait(WAIT) == 0
+            assert_echo(socks, b"after")
+            os.kill(successor, signal.SIGTERM)
+            assert notify.recv() == ("STOPPING=1", successor)
+            for sock in socks:
+                sock.close()
+    finally:
+        notify.close()
 
 
 # --- failures ----------------------------------------------------------------------

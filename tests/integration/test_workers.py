@@ -14,10 +14,8 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ import pytest
 from relay import config
 from tests.support.helpers import (
     ROOT,
+    NotifySocket,
     connect_via,
     echo,
     echoes,
@@ -320,31 +319,6 @@ def test_sigterm_drains_every_worker_and_exits_0(
 # --- sd_notify --------------------------------------------------------------------------
 
 
-class NotifySocket:
-    """A stand-in for systemd's NOTIFY_SOCKET that records each sender's pid."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="notify-")  # short: sun_path is 108 bytes
-        self.path = os.path.join(self.dir, "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind(self.path)
-        self.sock.settimeout(WAIT)
-
-    def recv(self) -> tuple[str, int]:
-        creds = struct.calcsize("3i")
-        data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds))
-        pid = 0
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = struct.unpack("3i", payload[:creds])[0]
-        return data.decode(), pid
-
-    def close(self) -> None:
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @pytest.fixture
 def notify_socket(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
     ns = NotifySocket()
@@ -373,7 +347,7 @@ def test_sd_notify_ready_reloading_stopping(
     assert texts[0] == "READY=1"
     assert texts[1].startswith("RELOADING=1\nMONOTONIC_USEC=")
     assert texts[2:] == ["READY=1", "STOPPING=1"]
-    # Only the main process speaks to systemd (NotifyAccess=main).
+    # Only the main process speaks to systemd (workers get no NOTIFY_SOCKET).
     assert {pid for _, pid in messages} == {relay.proc.pid}
 
 
@@ -390,8 +364,10 @@ def test_unit_file_keys() -> None:
     service = unit["Service"]
     expected = {
         "Type": "notify",
-        "NotifyAccess": "main",
-        "ExecStart": "/usr/local/bin/konnect-relay run --config /etc/konnect-relay/relay.yaml",
+        # All: after `konnect-relay upgrade` the successor sends MAINPID= and READY=1.
+        "NotifyAccess": "all",
+        "ExecStart": "/usr/local/bin/konnect-relay run --config /etc/konnect-relay/relay.yaml"
+        " --pid-file /run/konnect-relay/relay.pid",
         "ExecReload": "/bin/kill -HUP $MAINPID",
         "KillMode": "mixed",
         "DynamicUser": "yes",

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import select
+import shutil
 import socket
 import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -473,3 +476,28 @@ def parse_table(out: str) -> dict[str, dict[str, str]]:
         cells = [line[a:b].strip() for a, b in zip(starts, ends, strict=True)]
         rows[cells[0]] = dict(zip(doctor.COLUMNS, cells, strict=True))
     return rows
+
+
+class NotifySocket:
+    """A stand-in for systemd's NOTIFY_SOCKET that records each sender's pid."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="notify-")  # short: sun_path is 108 bytes
+        self.path = os.path.join(self.dir, "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(self.path)
+        self.sock.settimeout(WAIT)
+
+    def recv(self) -> tuple[str, int]:
+        creds = struct.calcsize("3i")
+        data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds))
+        pid = 0
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = struct.unpack("3i", payload[:creds])[0]
+        return data.decode(), pid
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

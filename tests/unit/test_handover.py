@@ -208,3 +208,25 @@ def test_shared_log_writes_whole_lines_within_pipe_buf() -> None:
     assert "".join(pieces) == "".join(lines)
     assert all(len(p) <= 4096 and p.endswith("\n") for p in pieces)
     assert len(_groups(["y" * 5000 + "\n", "z\n"], 4096)) == 2  # a long line goes alone
+
+
+def test_a_container_pid_1_refuses_to_upgrade(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    """PID 1's exit ends its container, successor and all: refused, with the
+    outcome written for `konnect-relay upgrade`."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from relay import upgrade
+
+    lines: list[tuple[str, dict[str, object]]] = []
+    relay = SimpleNamespace(upgrade=None, draining=False, log=lambda e, **f: lines.append((e, f)))
+    pid_file = Path(str(tmp_path)) / "relay.pid"
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    assert upgrade.begin(relay, [], str(pid_file)) is None  # type: ignore[arg-type]
+    assert lines[0][0] == "upgrade_failed" and "PID 1" in str(lines[0][1]["cause"])
+    record = json.loads(Path(upgrade.status_path(str(pid_file))).read_text())
+    assert record["state"] == "failed" and record["pid"] == 1
+    assert relay.upgrade is None
