@@ -120,12 +120,20 @@ class Successor:
     async def receive(self) -> None:
         """Tunnels until ``done`` (or the predecessor is gone)."""
         channel = self.channel
+        timeout = self.relay.settings.limits.upgrade_timeout
         while True:
             try:
-                message, fds = await channel.recv()
+                async with asyncio.timeout(timeout):
+                    message, fds = await channel.recv()
             except ChannelClosed:
                 self.lost = True
                 return
+            except TimeoutError:
+                # The predecessor still holds every tunnel it sent: give up
+                # (it takes them back when the channel closes).
+                with contextlib.suppress(ChannelClosed):
+                    await channel.send({"type": "failed", "cause": "the predecessor stalled"})
+                raise OSError(f"the predecessor sent nothing for {timeout:g} s") from None
             kind = message["type"]
             if kind == "tunnels":
                 await self._crash_at("tunnels")

@@ -443,6 +443,28 @@ def test_failing_successor_loses_nothing(upgradable: Any, fault: str, step: str)
             sock.close()
 
 
+def test_sigterm_during_an_upgrade_cancels_it_then_drains(upgradable: Any) -> None:
+    with tcp_peer(echo) as (port, _):
+        relay = upgradable(peer_config(port))
+        socks = echo_tunnels(relay, 3)
+        relay.fault.write_text("stall")
+        result: list[subprocess.CompletedProcess[str]] = []
+        command = threading.Thread(target=lambda: result.append(upgrade(relay)))
+        command.start()
+        started = relay.wait_event(lambda e: e["event"] == "upgrading")
+        relay.proc.send_signal(signal.SIGTERM)
+        failed = relay.wait_event(lambda e: e["event"] == "upgrade_failed")
+        assert "the relay is stopping" in failed["cause"]
+        assert failed["tunnels"] == 3
+        assert relay.proc.wait(WAIT) == 0
+        command.join(WAIT * 2)
+        assert result[0].returncode == 1
+        assert not alive(failed["successor"])  # killed, not left behind
+        for sock in socks:
+            sock.close()
+    assert started["tunnels"] == 3
+
+
 def test_invalid_config_fails_the_upgrade_with_every_error(upgradable: Any) -> None:
     with tcp_peer(echo) as (port, _):
         relay = upgradable(peer_config(port))
