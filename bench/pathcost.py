@@ -112,7 +112,7 @@ class FakeTransport(asyncio.Transport):
         pass
 
 
-# uvloop's TCP transport class name: the splice check (splice.plain_tcp) looks
+# uvloop's TCP transport class name: the splice check (sockets.plain_tcp) looks
 # at it, and the real path takes that branch.
 FakeTransport.__name__ = "TCPTransport"
 

@@ -47,6 +47,7 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
     from relay.notify import notify
     from relay.server import Relay
     from relay.successor import Successor
+    from relay.workers_upgrade import CONTROL_ENV, serve_control
 
     relay = Relay(
         settings,
@@ -83,7 +84,12 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
     successor = None
     try:
         if handover is not None:
-            successor = Successor(relay, Channel.inherited(int(handover)), args.pid_file)
+            successor = Successor(
+                relay,
+                Channel.inherited(int(handover)),
+                args.pid_file,
+                getattr(args, "worker_index", None),
+            )
             await successor.start()
         else:
             await relay.start()
@@ -96,6 +102,11 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
     # collection walks only per-tunnel objects and stays short.
     gc.collect()
     gc.freeze()
+    control = os.environ.pop(CONTROL_ENV, None)
+    controlled = None
+    if control is not None:  # a worker: its supervisor may hand it over
+        channel = Channel.inherited(int(control))
+        controlled = relay.tasks.spawn(serve_control(relay, channel, args.argv, stop.set))
     if successor is not None:
         try:
             await successor.receive()
@@ -110,6 +121,8 @@ async def _serve(settings: config.Settings, args: argparse.Namespace) -> int:
         notify("READY=1")
     try:
         await stop.wait()
+        if controlled is not None:
+            controlled.cancel()  # not a task the drain waits for
         await relay.drain()
     finally:
         if args.pid_file and not relay.handed_over:
@@ -126,13 +139,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         from relay.workerconf import worker_count
 
         if worker_count(settings) > 1:
-            from relay.handover import HANDOVER_ENV
-
-            if os.environ.get(HANDOVER_ENV):
-                cause = "workers: N > 1 in the new config: changing to workers needs a restart"
-                print(f"upgrade: {cause}", file=sys.stderr)
-                _refuse_handover(cause)
-                return 1
             return supervisor.run(settings, document, args)
     return uvloop.run(_serve(settings, args))
 
@@ -154,7 +160,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_upgrade(args: argparse.Namespace) -> int:
     """Signal the relay in --pid-file to hand over to a successor started from
     the code now installed (SIGUSR2, upgrade.py); wait for the outcome."""
-    from relay.upgrade import status_path, wait_for_upgrade
+    from relay.upgrade import status_path
+    from relay.upgrade_command import wait_for_upgrade
 
     if args.config:
         _load(args.config)

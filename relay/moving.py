@@ -20,6 +20,7 @@ waiting for its ClientHello, and one that is closing.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -241,17 +242,31 @@ def adopted(state: dict[str, Any], on_closed: Callable[[Tunnel], None]) -> Tunne
 async def attach(tunnel: Tunnel, client_fd: int, upstream_fd: int) -> None:
     """Put a moved tunnel's sockets on this loop and start pumping. A side
     that had ended before the move reads its end of stream again, and the
-    tunnel carries on half-closed as before."""
+    tunnel carries on half-closed as before. Raises OSError (every
+    descriptor closed) when the loop will not take a socket."""
     loop = asyncio.get_running_loop()
-    transports = []
+    transports: list[asyncio.Transport] = []
     holders = []
-    for fd in (client_fd, upstream_fd):
-        sock = socket.socket(fileno=fd)
-        holder = _Adopting()
-        transport, _ = await loop.connect_accepted_socket(_returning(holder), sock)
-        transport.pause_reading()
-        transports.append(transport)
-        holders.append(holder)
+    fds = [client_fd, upstream_fd]
+    try:
+        while fds:
+            sock = socket.socket(fileno=fds[0])
+            holder = _Adopting()
+            try:
+                transport, _ = await loop.connect_accepted_socket(_returning(holder), sock)
+            except BaseException:
+                sock.detach()  # the descriptor is closed below, once
+                raise
+            fds.pop(0)  # the transport owns it now
+            transport.pause_reading()
+            transports.append(transport)
+            holders.append(holder)
+    except (OSError, ValueError):
+        for transport in transports:
+            transport.abort()
+        for fd in fds:
+            os.close(fd)
+        raise
     client, upstream = transports
     cs, us = tunnel.client_side, tunnel.upstream_side
     cs.peer, us.peer = upstream, client

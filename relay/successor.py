@@ -10,7 +10,8 @@ already is the successor's: nobody else holds it any more.
 ``HANDOVER_FAULT_ENV`` names a file whose content, when the file exists, is a
 step at which this successor fails on purpose (``hello``, ``listeners``,
 ``accepting``, ``tunnels``, ``done``; ``stall``: stop answering;
-``kill_predecessor``: kill the predecessor after the first batch). It is
+``kill_predecessor``: kill the predecessor after the first batch; ``step@i``: only
+in worker i). It is
 how the tests show that a failure at each step loses nothing.
 """
 
@@ -37,24 +38,31 @@ if TYPE_CHECKING:
 HANDOVER_FAULT_ENV = "KONNECT_RELAY_HANDOVER_FAULT_FILE"
 
 
-def _fault() -> str | None:
+def _fault(worker: int | None) -> str | None:
+    """The step to fail at; ``step@i``: only in worker i (workers: N)."""
     path = os.environ.get(HANDOVER_FAULT_ENV)
     if not path:
         return None
     try:
-        return Path(path).read_text().strip() or None
+        text = Path(path).read_text().strip()
     except OSError:
         return None
+    step, _, only = text.partition("@")
+    if only and (worker is None or only != str(worker)):
+        return None
+    return step or None
 
 
 class Successor:
     """Takes over from the relay at the other end of ``channel``."""
 
-    def __init__(self, relay: Relay, channel: Channel, pid_file: str | None) -> None:
+    def __init__(
+        self, relay: Relay, channel: Channel, pid_file: str | None, worker: int | None = None
+    ) -> None:
         self.relay = relay
         self.channel = channel
         self.pid_file = pid_file
-        self.fault = _fault()
+        self.fault = _fault(worker)
         self.adopted: list[tuple[Tunnel, int, int]] = []
         self.closed_meanwhile: set[int] = set()
         self.lost = False  # the predecessor went away midway
@@ -73,7 +81,9 @@ class Successor:
         relay.log.shared = True  # the predecessor writes to the same stdout
         self._watch_predecessor()
         await self._crash_at("hello")
-        await channel.send({"type": "hello", "protocol": PROTOCOL, "pid": os.getpid()})
+        await channel.send(
+            {"type": "hello", "protocol": PROTOCOL, "pid": os.getpid(), "workers": 1}
+        )
         message, fds = await channel.expect("listeners")
         await self._crash_at("listeners")
         inherited: dict[tuple[str, int], list[list[socket.socket]]] = {}
@@ -185,10 +195,9 @@ class Successor:
             relay.book.moved_in(t)
             try:
                 await moving.attach(t, client_fd, upstream_fd)
-            except (OSError, ValueError) as exc:
-                close_fds([client_fd, upstream_fd])
-                t.close(t.lost_reason(exc, True) if isinstance(exc, OSError) else "error")
-                relay.book.closed(t)
+            except (OSError, ValueError):
+                t.close("error")
+                relay.book.closed(t)  # its tunnel_closed line, reason error
                 continue
             moved += 1
         self.adopted.clear()

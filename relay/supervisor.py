@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -52,14 +54,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from relay import config
 from relay.admin import AdminServer, Handler, Query, Reply, json_reply, text
 from relay.config import SECONDS, Settings
+from relay.handover import HANDOVER_ENV, Channel, ChannelClosed, HandoverFailed
 from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
 from relay.notify import notify
 from relay.status import file_routes
 from relay.tasks import TaskSet
-from relay.upgrade import report
 from relay.workerconf import PortReservations, worker_count, worker_document, write_worker_file
-from relay.workers import Backoff, Worker, WorkerFeed, WorkerOutput, WorkerViews, child_setup
+from relay.workers import Worker, WorkerFeed, WorkerOutput, WorkerRunner, WorkerViews
+from relay.workers_upgrade import take_over
 
 # Beyond limits.drain_timeout: a worker aborts leftover tunnels at its deadline
 # and may linger up to server.CLOSE_LINGER (10 s) for them to close.
@@ -67,9 +70,6 @@ DRAIN_GRACE = 10 * SECONDS
 # A worker answers SIGHUP with "reloaded" or "reload_failed"; a new SSH egress
 # connection is part of a reload and may take a few seconds.
 RELOAD_TIMEOUT = 30 * SECONDS
-# Worker log lines are one JSON object each; a reload_failed line listing
-# every error of a large config is the longest.
-MAX_LOG_LINE = 1024 * 1024
 # Worker exit statuses that a drain accepts as clean: 0 after its own drain,
 # or SIGTERM's default action when it arrived before the worker set handlers.
 CLEAN_EXITS = frozenset({0, -signal.SIGTERM})
@@ -92,11 +92,13 @@ class Supervisor:
         config_path: str | None,
         pid_file: str | None = None,
         log: EventLog | None = None,
+        argv: list[str] | None = None,
     ) -> None:
         self.settings = settings
         self.document = document
         self.config_path = config_path
         self.pid_file = pid_file
+        self.argv = argv or []  # what a successor is started with (workers_upgrade.py)
         self.log = log if log is not None else EventLog()
         self.metrics = SupervisorMetrics()
         self.loop = asyncio.get_running_loop()
@@ -118,6 +120,10 @@ class Supervisor:
         self.admin = AdminServer(admin_routes(self))
         self.admin_address: str | None = None
         self.draining = False
+        self.retiring = False  # an upgrade committed: the workers only drain, none restarts
+        self.handed_over = False  # a successor took over: drain, exit, leave the pid file
+        self.successor_mode = False  # taking over from an old supervisor
+        self.upgrade_task: asyncio.Task[bool] | None = None
         self.fatal: str | None = None
         self.stop = asyncio.Event()
         self.tasks = TaskSet(self.loop)
@@ -144,15 +150,16 @@ class Supervisor:
                 # started before the latest reload rewrote its config
                 worker.generation = self.generation
                 worker.proc.send_signal(signal.SIGHUP)
-            if not self.announced and all(w.ready for w in self.workers):
+            if not (self.announced or self.successor_mode) and all(w.ready for w in self.workers):
                 self.announce()
         elif event in ("reloaded", "reload_failed"):
             waiter = worker.reload_waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(event == "reloaded")
 
-    def announce(self) -> None:
-        """Every worker listens: the relay as a whole is ready."""
+    def announce(self, *, upgraded: bool = False) -> None:
+        """Every worker listens: the relay as a whole is ready (after an
+        upgrade, the successor tells systemd it is the main process now)."""
         self.announced = True
         self.log(
             "listening",
@@ -161,11 +168,12 @@ class Supervisor:
             egress=self.settings.egress,
             config=self.settings.source,
             workers=len(self.workers),
+            **({"upgraded": True} if upgraded else {}),
         )
         self.output.release_held()
         if self.pid_file:
             Path(self.pid_file).write_text(f"{os.getpid()}\n")
-        notify("READY=1")
+        notify(f"MAINPID={os.getpid()}\nREADY=1" if upgraded else "READY=1")
 
     def count_workers(self) -> None:
         self.metrics.workers.labels("up").set(sum(w.alive for w in self.workers))
@@ -185,10 +193,23 @@ class Supervisor:
     # --- reload ----------------------------------------------------------------------------
 
     def on_sigusr2(self) -> None:
-        """`konnect-relay upgrade`: not with workers (README: Upgrading)."""
-        cause = "not available with workers: N > 1; restart the relay instead"
-        self.log("upgrade_failed", step="start", cause=cause)
-        report(self.pid_file, "failed", step="start", cause=cause)
+        """`konnect-relay upgrade`: hand every worker over (workers_upgrade.py)."""
+        from relay.workers_upgrade import SupervisorUpgrade
+
+        if self.draining or (self.successor_mode and not self.announced):
+            self.log("upgrade_refused", detail="the relay is draining or still starting")
+            return
+        if self.upgrade_task is not None and not self.upgrade_task.done():
+            self.log("upgrade_refused", detail="an upgrade is running")
+            return
+        self.log.shared = True  # the successor writes to the same stdout
+        self.upgrade_task = self.tasks.spawn(SupervisorUpgrade(self, self.argv).run())
+        self.upgrade_task.add_done_callback(self._upgraded)
+
+    def _upgraded(self, task: asyncio.Task[bool]) -> None:
+        if not task.cancelled() and task.exception() is None and task.result():
+            self.handed_over = True
+            self.stop.set()
 
     def on_sighup(self) -> None:
         self.tasks.spawn(self.reload())
@@ -258,24 +279,36 @@ class Supervisor:
 
     # --- run and drain -------------------------------------------------------------------
 
-    async def start_admin(self) -> None:
+    async def start_admin(self, sock: socket.socket | None = None) -> None:
         if self.settings.admin is not None:
-            self.admin_address = await self.admin.start(*self.settings.admin)
+            self.admin_address = await self.admin.start(*self.settings.admin, sock=sock)
 
     async def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop.set)
         self.loop.add_signal_handler(signal.SIGHUP, self.on_sighup)
         self.loop.add_signal_handler(signal.SIGUSR2, self.on_sigusr2)
+        handover = os.environ.pop(HANDOVER_ENV, None)
         try:
             try:
-                await self.start_admin()
-                self.write_worker_config(self.settings, self.document)
+                if handover is None:
+                    await self.start_admin()
+                    self.write_worker_config(self.settings, self.document)
             except OSError as exc:
                 print(f"cannot listen: {exc}", file=sys.stderr)
                 return 1
             await self.konnect_ips.start()
-            self.keepers = [self.tasks.spawn(self.runner.keep(w)) for w in self.workers]
+            if handover is not None:
+                self.successor_mode = True
+                self.log.shared = True  # the old supervisor writes to the same stdout
+                try:
+                    await take_over(self, Channel.inherited(int(handover)))
+                except (OSError, ValueError, TimeoutError, HandoverFailed, ChannelClosed) as exc:
+                    print(f"upgrade: {exc}", file=sys.stderr)
+                    self.draining = True  # the new workers go with this process
+                    return 1
+            else:
+                self.keepers = [self.tasks.spawn(self.runner.keep(w)) for w in self.workers]
             await self.stop.wait()
             clean = await self.drain()
             if self.fatal is not None:
@@ -289,7 +322,12 @@ class Supervisor:
         """Forward SIGTERM to every worker; wait up to drain_timeout + DRAIN_GRACE,
         then SIGKILL. True when every worker drained and exited cleanly."""
         self.draining = True
-        notify("STOPPING=1")
+        if self.upgrade_task is not None and not self.upgrade_task.done():
+            self.upgrade_task.cancel()  # the successor is killed, every worker resumes
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.upgrade_task
+        if not self.handed_over:  # else systemd follows the successor already
+            notify("STOPPING=1")
         self.output.release_held()
         timeout = self.settings.limits.drain_timeout
         self.log("draining", workers=sum(w.alive for w in self.workers), timeout_s=timeout)
@@ -320,120 +358,13 @@ class Supervisor:
         await self.tasks.wait()
         self.ports.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
-        if self.pid_file:
+        if self.pid_file and not self.handed_over:
             Path(self.pid_file).unlink(missing_ok=True)
         self.log("stopped")
         self.log.flush()
 
 
-class WorkerRunner:
-    """Runs the supervisor's worker slots: start a process, pass its output
-    through, restart it with backoff when it exits unexpectedly."""
-
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
-
-    def argv(self, worker: Worker) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "relay",
-            "run",
-            "--config",
-            self.sup.worker_config,
-            "--worker-index",
-            str(worker.index),
-            "--admin-socket",
-            worker.admin_socket,
-            "--reuse-port",
-        ]
-
-    async def start(self, worker: Worker) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        Path(worker.admin_socket).unlink(missing_ok=True)
-        parent, prctl = os.getpid(), self.sup._prctl
-        worker.generation = self.sup.generation
-        worker.proc = await asyncio.create_subprocess_exec(
-            *self.argv(worker),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-            limit=MAX_LOG_LINE,
-            preexec_fn=lambda: child_setup(parent, prctl),
-        )
-        self.sup.count_workers()
-        self.sup.log("worker_started", worker=worker.index, pid=worker.proc.pid)
-
-    async def pump(self, worker: Worker) -> int:
-        """Pass the worker's stdout through until it ends; its exit status."""
-        proc = worker.proc
-        assert proc is not None and proc.stdout is not None
-        while True:
-            try:
-                line = await proc.stdout.readline()
-            except ValueError:  # longer than MAX_LOG_LINE: dropped by the reader
-                self.sup.log("worker_line_too_long", worker=worker.index, limit=MAX_LOG_LINE)
-                continue
-            if not line:
-                break
-            self.sup.output.worker_line(worker, line)
-        return await proc.wait()
-
-    def exited(self, worker: Worker, status: int) -> None:
-        proc = worker.proc
-        worker.ready = False
-        worker.spawns += 1
-        self.sup.views.retire(worker)
-        if worker.reload_waiter is not None and not worker.reload_waiter.done():
-            worker.reload_waiter.set_result(False)
-        self.sup.count_workers()
-        how: dict[str, object] = {"code": status}
-        if status < 0:
-            try:
-                how = {"signal": signal.Signals(-status).name}
-            except ValueError:
-                how = {"signal": -status}
-        self.sup.log(
-            "worker_exited",
-            worker=worker.index,
-            pid=proc.pid if proc is not None else None,
-            uptime_s=round(self.sup.loop.time() - worker.started, 3),
-            expected=self.sup.draining,
-            **how,
-        )
-
-    async def keep(self, worker: Worker) -> None:
-        """Run one worker slot: start, pass output through, restart on exit."""
-        backoff = Backoff()
-        while not self.sup.draining:
-            worker.started = self.sup.loop.time()
-            try:
-                await self.start(worker)
-            except OSError as exc:
-                self.sup.log("worker_spawn_failed", worker=worker.index, error=str(exc))
-                status = 1
-            else:
-                if self.sup.draining and worker.proc is not None:
-                    worker.proc.terminate()
-                status = await self.pump(worker)
-                self.exited(worker, status)
-            if self.sup.draining:
-                return
-            if not self.sup.announced:
-                self.sup.fatal = f"worker {worker.index} exited with status {status} while starting"
-                self.sup.stop.set()
-                return
-            delay = backoff.next(self.sup.loop.time() - worker.started)
-            self.sup.log("worker_restarting", worker=worker.index, delay_s=delay)
-            try:
-                async with asyncio.timeout(delay):
-                    await self.sup.stop.wait()
-                return  # told to stop while waiting
-            except TimeoutError:
-                pass
-            self.sup.metrics.restarts.inc()
-
-    # --- admin -----------------------------------------------------------------------------
+# --- admin -----------------------------------------------------------------------------
 
 
 def admin_routes(sup: Supervisor) -> dict[str, Handler]:
@@ -484,6 +415,8 @@ def run(settings: Settings, document: dict[str, Any], args: argparse.Namespace) 
     import uvloop
 
     async def main() -> int:
-        return await Supervisor(settings, document, args.config, args.pid_file).run()
+        return await Supervisor(
+            settings, document, args.config, args.pid_file, argv=getattr(args, "argv", None)
+        ).run()
 
     return uvloop.run(main())

@@ -41,7 +41,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from relay import moving, tunnel
@@ -63,13 +63,13 @@ ROUNDS_FOR = 2.0
 ROUND_EVERY = 0.05
 
 
-async def exited(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """Wait (without blocking the loop) until ``proc`` has exited, and reap it."""
+async def exited(pid: int, timeout: float) -> None:
+    """Wait (without blocking the loop) until process ``pid`` has exited (its
+    parent reaps it)."""
     loop = asyncio.get_running_loop()
     try:
-        fd = os.pidfd_open(proc.pid)
-    except OSError:  # reaped already
-        proc.poll()
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone already
         return
     gone: asyncio.Future[None] = loop.create_future()
 
@@ -86,7 +86,6 @@ async def exited(proc: subprocess.Popen[bytes], timeout: float) -> None:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
-    proc.poll()
 
 
 def status_path(pid_file: str) -> str:
@@ -102,14 +101,31 @@ def report(pid_file: str | None, state: str, **fields: Any) -> None:
 
 
 class Upgrade:
-    """One upgrade of ``relay``; ``argv`` are the arguments it was started with."""
+    """One upgrade of ``relay``; ``argv`` are the arguments it was started with.
 
-    def __init__(self, relay: Relay, argv: list[str], pid_file: str | None) -> None:
+    A worker (workers: N) does not start its successor: its supervisor's
+    successor does, and hands this worker the channel to it (``given``: the
+    channel and the successor's pid). ``gate`` is then awaited before ``done``:
+    the supervisor commits only once every worker got that far (workers_upgrade.py).
+    """
+
+    def __init__(
+        self,
+        relay: Relay,
+        argv: list[str],
+        pid_file: str | None,
+        *,
+        given: tuple[Channel, int] | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.relay = relay
         self.argv = argv
         self.pid_file = pid_file
+        self.given = given
+        self.gate = gate
         self.loop = asyncio.get_running_loop()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.successor: int | None = None  # its pid
         self.channel: Channel | None = None
         self.handed: list[Handed] = []
         self.admin_sock: Any = None
@@ -145,7 +161,6 @@ class Upgrade:
         finally:
             if self.channel is not None:
                 self.channel.close()
-        assert self.proc is not None
         spliced = sum(1 for hold in self.held if hold.tunnel.link is not None)
         for hold in self.held:
             hold.release(relay.book)
@@ -157,32 +172,36 @@ class Upgrade:
         self.succeeded = True
         relay.log(
             "handed_over",
-            successor=self.proc.pid,
+            successor=self.successor,
             moved=len(self.held),
             spliced=spliced,
             stayed=len(relay.book),
             stayed_by=dict(self.stayed),
             handover_s=round(self.loop.time() - begun, 3),
         )
-        self.report("done", successor=self.proc.pid, moved=len(self.held), stayed=len(relay.book))
+        self.report("done", successor=self.successor, moved=len(self.held), stayed=len(relay.book))
         return True
 
     async def _handover(self, begun_wall: float) -> None:
         relay = self.relay
         timeout = relay.settings.limits.upgrade_timeout
-        self.channel, theirs = Channel.pair()
+        if self.given is not None:
+            self.channel, self.successor = self.given
+        else:
+            self.channel, theirs = Channel.pair()
+            try:
+                # subprocess, not the loop's: uvloop's pass_fds leaves copies of
+                # stdout and stderr open in the child.
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "relay", *self.argv],
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=[theirs.fileno()],
+                    env={**os.environ, HANDOVER_ENV: str(theirs.fileno())},
+                )
+            finally:
+                theirs.close()
+            self.successor = self.proc.pid
         channel = self.channel
-        try:
-            # subprocess, not the loop's: uvloop's pass_fds leaves copies of
-            # stdout and stderr open in the child.
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", *self.argv],
-                stdin=subprocess.DEVNULL,
-                pass_fds=[theirs.fileno()],
-                env={**os.environ, HANDOVER_ENV: str(theirs.fileno())},
-            )
-        finally:
-            theirs.close()
         self.step = "hello"
         async with asyncio.timeout(timeout):
             hello, _ = await channel.expect("hello")
@@ -190,6 +209,11 @@ class Upgrade:
             raise HandoverFailed(
                 f"the successor speaks handover protocol {hello.get('protocol')}, "
                 f"this relay {PROTOCOL}"
+            )
+        if self.given is None and hello.get("workers", 1) != 1:
+            raise HandoverFailed(
+                f"the new config has {hello['workers']} workers, this relay 1: "
+                "changing workers needs a restart"
             )
         self.step = "listeners"
         now = time.monotonic()
@@ -224,6 +248,10 @@ class Upgrade:
         stayed = [t for t in relay.book.tunnels.values() if t.mover is None]
         for t in stayed:
             self.stayed[moving.why_not(t) if not moving.movable(t) else "not_ready"] += 1
+        if self.gate is not None:
+            self.step = "commit"
+            await self.gate()  # every worker of the supervisor is this far
+            self.step = "done"
         self.admin_sock = relay.admin.hand_over() if relay.admin_path is None else None
         await channel.send(
             {
@@ -304,9 +332,14 @@ class Upgrade:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGKILL)
-                await exited(proc, 5.0)
+                await exited(proc.pid, 5.0)
+                proc.poll()
             if proc.returncode is not None and proc.returncode > 0 and self.step == "hello":
                 cause = f"{cause} (the successor exited with status {proc.returncode})"
+        elif self.successor is not None:  # a worker's, started by the supervisor's successor
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.successor, signal.SIGKILL)
+            await exited(self.successor, 5.0)
         resumed = 0
         for hold in self.held:
             try:
@@ -327,111 +360,24 @@ class Upgrade:
             "upgrade_failed",
             step=self.step,
             cause=cause,
-            successor=proc.pid if proc is not None else None,
+            successor=self.successor,
             tunnels_resumed=resumed,
             tunnels=len(relay.book),
         )
         self.report("failed", step=self.step, cause=cause)
 
 
-# --- `konnect-relay upgrade`: signal, then wait for the outcome -----------------------
-
-# How often the command looks at the status and pid files.
-POLL_EVERY = 0.1
-
-
-def handles_upgrades(pid: int) -> bool:
-    """Whether the process catches SIGUSR2 (/proc/PID/status, SigCgt): a relay
-    from before upgrades existed would die of the signal's default action."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    for line in status.splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) & (1 << (signal.SIGUSR2 - 1)))
-    return False
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie, exited and not yet reaped, is not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def _read_pid(path: str) -> int | None:
-    try:
-        return int(Path(path).read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _status(path: str, pid: int) -> dict[str, Any] | None:
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("pid") == pid else None
-
-
-def wait_for_upgrade(pid_file: str, status_file: str, timeout: float) -> int:
-    """Exit status of ``konnect-relay upgrade``: 0 once the successor has
-    written its pid to ``pid_file``, 1 with the cause otherwise."""
-    pid = _read_pid(pid_file)
-    if pid is None or not _alive(pid):
-        print(f"upgrade: no running relay named by {pid_file}", file=sys.stderr)
-        return 1
-    if not handles_upgrades(pid):
-        print(
-            f"upgrade: the process {pid} does not handle upgrades (SIGUSR2): a relay "
-            "older than `konnect-relay upgrade`, or one with workers; it was not "
-            "signalled. Restart it instead (systemctl restart).",
-            file=sys.stderr,
-        )
-        return 1
-    Path(status_file).unlink(missing_ok=True)
-    os.kill(pid, signal.SIGUSR2)
-    print(f"upgrade: sent SIGUSR2 to {pid}, waiting for its successor")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        record = _status(status_file, pid)
-        state = record.get("state") if record else None
-        if state == "failed" and record is not None:
-            print(
-                f"upgrade: failed at step {record.get('step')}: {record.get('cause')}; "
-                f"the relay {pid} carries on with every listener and tunnel",
-                file=sys.stderr,
-            )
-            return 1
-        if state == "done" and record is not None:
-            successor = record.get("successor")
-            if _read_pid(pid_file) == successor:
-                print(
-                    f"upgrade: {successor} took over from {pid}: "
-                    f"{record.get('moved')} tunnels moved, {record.get('stayed')} "
-                    f"stay with {pid} until they end (limits.drain_timeout)"
-                )
-                return 0
-        if state not in ("done", "failed") and not _alive(pid):
-            now = _read_pid(pid_file)
-            taken = (
-                f"; {now} took over what had passed to it"
-                if now not in (None, pid) and now is not None and _alive(now)
-                else ""
-            )
-            print(f"upgrade: the relay {pid} exited during the upgrade{taken}", file=sys.stderr)
-            return 1
-        time.sleep(POLL_EVERY)
-    print(f"upgrade: no outcome within {timeout:g} s (see the relay's log)", file=sys.stderr)
-    return 1
-
-
-def begin(relay: Relay, argv: list[str], pid_file: str | None) -> asyncio.Task[bool] | None:
-    """SIGUSR2: start an upgrade of ``relay``; None when one is running
-    already or the relay is draining."""
+def begin(
+    relay: Relay,
+    argv: list[str],
+    pid_file: str | None,
+    *,
+    given: tuple[Channel, int] | None = None,
+    gate: Callable[[], Awaitable[None]] | None = None,
+) -> asyncio.Task[bool] | None:
+    """SIGUSR2 (or, in a worker, its supervisor): start an upgrade of
+    ``relay`` (see Upgrade); None when one is running already or the relay
+    is draining."""
     if relay.upgrade is not None or relay.draining:
         relay.log("upgrade_refused", detail="an upgrade is running, or the relay is draining")
         return None
@@ -441,7 +387,7 @@ def begin(relay: Relay, argv: list[str], pid_file: str | None) -> asyncio.Task[b
         relay.log("upgrade_failed", step="start", cause=cause)
         report(pid_file, "failed", step="start", cause=cause)
         return None
-    upgrade = relay.upgrade = Upgrade(relay, argv, pid_file)
+    upgrade = relay.upgrade = Upgrade(relay, argv, pid_file, given=given, gate=gate)
     relay.log.shared = True  # the successor writes to the same stdout
 
     async def run() -> bool:

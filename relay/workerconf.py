@@ -97,6 +97,12 @@ class PortReservations:
         self.sockets = keep
         return out
 
+    def adopt(self, keys: list[str], socks: list[socket.socket]) -> None:
+        """An old supervisor's reservations (an upgrade): the same ports."""
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets = dict(zip(keys, socks, strict=True))
+
     @staticmethod
     def _reserve(host: str) -> socket.socket:
         family, kind, proto, _, addr = socket.getaddrinfo(

@@ -7,10 +7,13 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,10 +22,14 @@ from relay.aggregate import aggregate, cumulative, render
 from relay.config import SECONDS, Settings
 from relay.egress import Dialer, make_dialers
 from relay.files import write_atomically
+from relay.handover import Channel
 from relay.konnect_ips_feed import Feed
 from relay.log import EventLog
 from relay.metrics import SupervisorMetrics
 from relay.resolver import resolver_for
+
+if TYPE_CHECKING:
+    from relay.supervisor import Supervisor
 
 # A one-off crash costs half a second of one worker's share of new connections.
 BACKOFF_START = 0.5 * SECONDS
@@ -38,6 +45,9 @@ SCRAPE_TIMEOUT = 2 * SECONDS
 # /tunnels of a worker holding 100,000 tunnels is ~30 MiB of JSON.
 MAX_SCRAPE_BODY = 64 * 1024 * 1024
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Worker log lines are one JSON object each; a reload_failed line listing
+# every error of a large config is the longest.
+MAX_LOG_LINE = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -76,6 +86,7 @@ class Worker:
     proxy: list[str] = field(default_factory=list)
     last_cumulative: list[Metric] = field(default_factory=list)
     reload_waiter: asyncio.Future[bool] | None = None
+    control: Channel | None = None  # to its process (workers_upgrade.py)
 
     @property
     def alive(self) -> bool:
@@ -316,3 +327,139 @@ class WorkerOutput:
                     return
                 self.on_event(worker, record)
                 return
+
+
+class WorkerRunner:
+    """Runs the supervisor's worker slots: start a process, pass its output
+    through, restart it with backoff when it exits unexpectedly."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def argv(self, worker: Worker) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "relay",
+            "run",
+            "--config",
+            self.sup.worker_config,
+            "--worker-index",
+            str(worker.index),
+            "--admin-socket",
+            worker.admin_socket,
+            "--reuse-port",
+        ]
+
+    async def start(self, worker: Worker, handover: socket.socket | None = None) -> None:
+        """Start the slot's process, with a control channel (an upgrade's, see
+        workers_upgrade.py); with ``handover``, as the successor of the old
+        supervisor's worker at the other end."""
+        from relay.handover import HANDOVER_ENV, Channel
+        from relay.workers_upgrade import CONTROL_ENV
+
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", HANDOVER_ENV)}
+        Path(worker.admin_socket).unlink(missing_ok=True)
+        parent, prctl = os.getpid(), self.sup._prctl
+        worker.generation = self.sup.generation
+        control, theirs = Channel.pair()
+        fds = [theirs.fileno()]
+        env[CONTROL_ENV] = str(theirs.fileno())
+        if handover is not None:
+            handover.set_inheritable(True)
+            fds.append(handover.fileno())
+            env[HANDOVER_ENV] = str(handover.fileno())
+        try:
+            worker.proc = await asyncio.create_subprocess_exec(
+                *self.argv(worker),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+                limit=MAX_LOG_LINE,
+                pass_fds=fds,
+                preexec_fn=lambda: child_setup(parent, prctl),
+            )
+        except BaseException:
+            control.close()
+            raise
+        finally:
+            theirs.close()
+        if worker.control is not None:
+            worker.control.close()
+        worker.control = control
+        self.sup.count_workers()
+        self.sup.log("worker_started", worker=worker.index, pid=worker.proc.pid)
+
+    async def pump(self, worker: Worker) -> int:
+        """Pass the worker's stdout through until it ends; its exit status."""
+        proc = worker.proc
+        assert proc is not None and proc.stdout is not None
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # longer than MAX_LOG_LINE: dropped by the reader
+                self.sup.log("worker_line_too_long", worker=worker.index, limit=MAX_LOG_LINE)
+                continue
+            if not line:
+                break
+            self.sup.output.worker_line(worker, line)
+        return await proc.wait()
+
+    def exited(self, worker: Worker, status: int) -> None:
+        proc = worker.proc
+        worker.ready = False
+        worker.spawns += 1
+        self.sup.views.retire(worker)
+        if worker.reload_waiter is not None and not worker.reload_waiter.done():
+            worker.reload_waiter.set_result(False)
+        self.sup.count_workers()
+        how: dict[str, object] = {"code": status}
+        if status < 0:
+            try:
+                how = {"signal": signal.Signals(-status).name}
+            except ValueError:
+                how = {"signal": -status}
+        self.sup.log(
+            "worker_exited",
+            worker=worker.index,
+            pid=proc.pid if proc is not None else None,
+            uptime_s=round(self.sup.loop.time() - worker.started, 3),
+            expected=self.sup.draining,
+            **how,
+        )
+
+    async def keep(self, worker: Worker) -> None:
+        """Run one worker slot: start, pass output through, restart on exit."""
+        backoff = Backoff()
+        adopted = worker.running is not None  # started by an upgrade's handover
+        while not (self.sup.draining or self.sup.retiring):
+            if not adopted:
+                worker.started = self.sup.loop.time()
+            try:
+                if not adopted:
+                    await self.start(worker)
+                adopted = False
+            except OSError as exc:
+                self.sup.log("worker_spawn_failed", worker=worker.index, error=str(exc))
+                status = 1
+            else:
+                if self.sup.draining and worker.proc is not None:
+                    worker.proc.terminate()
+                status = await self.pump(worker)
+                self.exited(worker, status)
+            if self.sup.draining or self.sup.retiring:
+                return
+            if not (self.sup.announced or self.sup.successor_mode):
+                # (A successor's new worker that failed its handover is restarted.)
+                self.sup.fatal = f"worker {worker.index} exited with status {status} while starting"
+                self.sup.stop.set()
+                return
+            delay = backoff.next(self.sup.loop.time() - worker.started)
+            self.sup.log("worker_restarting", worker=worker.index, delay_s=delay)
+            try:
+                async with asyncio.timeout(delay):
+                    await self.sup.stop.wait()
+                return  # told to stop while waiting
+            except TimeoutError:
+                pass
+            self.sup.metrics.restarts.inc()

@@ -5,6 +5,7 @@ fails at any step leaves every tunnel with the relay that was running."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -529,14 +530,91 @@ def test_upgrade_does_not_signal_a_process_that_cannot_handle_it(tmp_path: Path)
         old.wait()
 
 
-def test_upgrade_with_workers_is_refused_and_nothing_stops(start_relay: StartRelay) -> None:
+# --- workers: N ----------------------------------------------------------------------
+
+
+def worker_tunnels(relay: RelayProcess) -> set[tuple[int, int]]:
+    return {(t["worker"], t["id"]) for t in json.loads(relay.get("/tunnels")[1])}
+
+
+def test_workers_upgrade_moves_every_tunnel_of_every_worker(upgradable: Any) -> None:
+    """workers: 2: both workers hand over (worker by worker, committed
+    together); every tunnel carries on with its id; counters continue; the
+    old supervisor and its workers exit; the new one owns the pid file."""
     with tcp_peer(echo) as (port, _):
-        relay = start_relay(peer_config(port, workers=2), pid_file=True)
-        socks = echo_tunnels(relay, 2)
+        relay = upgradable(peer_config(port, workers=2))
+        socks = echo_tunnels(relay, 60)
+        before = worker_tunnels(relay)
+        assert {w for w, _ in before} == {0, 1}  # the kernel spread them over both
+        opened = relay.sample("konnect_relay_tunnels_opened_total", host=RAW_HOST)
+        outcome = upgrade(relay)
+        assert outcome.returncode == 0, outcome.stderr
+        assert "60 tunnels moved, 0 stay" in outcome.stdout
+        assert_echo(socks, b"after")
+        assert worker_tunnels(relay) == before
+        assert relay.sample("konnect_relay_tunnels_opened_total", host=RAW_HOST) == opened
+        assert relay.proc.wait(WAIT) == 0
+        successor = current_pid(relay)
+        assert successor != relay.proc.pid and alive(successor)
+        handed = [e for e in relay.drain() if e["event"] == "handed_over" and "worker" in e]
+        assert sorted(e["worker"] for e in handed) == [0, 1]
+        assert sum(e["moved"] for e in handed) == 60
+        extra = open_tunnel(relay)  # the new workers accept
+        assert_echo([extra], b"new")
+        for sock in [*socks, extra]:
+            sock.close()
+
+
+@pytest.mark.parametrize("fault", ["tunnels@1", "hello@0", "listeners@1"])
+def test_workers_upgrade_failing_in_one_worker_keeps_everything(
+    upgradable: Any, fault: str
+) -> None:
+    """A new worker fails: the old supervisor aborts, every old worker takes
+    its tunnels back (also the one that was ready), the next upgrade works."""
+    with tcp_peer(echo) as (port, _):
+        relay = upgradable(peer_config(port, workers=2, limits={"upgrade_timeout": 3}))
+        socks = echo_tunnels(relay, 40)
+        before = worker_tunnels(relay)
+        relay.fault.write_text(fault)
+        outcome = upgrade(relay)
+        assert outcome.returncode == 1, outcome.stdout
+        assert current_pid(relay) == relay.proc.pid and relay.proc.poll() is None
+        assert_echo(socks, b"after-failure")
+        assert worker_tunnels(relay) == before
+        relay.fault.unlink()
+        outcome = upgrade(relay)
+        assert outcome.returncode == 0, outcome.stderr
+        assert_echo(socks, b"after-upgrade")
+        for sock in socks:
+            sock.close()
+
+
+def test_workers_upgrade_worker_crashing_after_the_commit_drains_only_its_own(
+    upgradable: Any,
+) -> None:
+    """New worker 1 dies after the commit (on `done`): old worker 1 took its
+    tunnels back and drains them, as a restart would; worker 0's moved; the
+    command says which worker failed and exits 1."""
+    with tcp_peer(echo) as (port, _):
+        relay = upgradable(peer_config(port, workers=2, limits={"drain_timeout": 2}))
+        socks = echo_tunnels(relay, 40)
+        on_0 = sum(1 for t in json.loads(relay.get("/tunnels")[1]) if t["worker"] == 0)
+        relay.fault.write_text("done@1")
         outcome = upgrade(relay)
         assert outcome.returncode == 1
-        assert "workers" in outcome.stderr, outcome.stderr
-        assert relay.proc.poll() is None
-        assert_echo(socks, b"still")
+        assert "workers [1] failed after the commit" in outcome.stderr, outcome.stderr
+        handed = relay.wait_event(lambda e: e["event"] == "handed_over" and "worker" not in e)
+        assert list(handed["failed_workers"]) == ["1"]
+        closed = [relay.wait_event(lambda e: e["event"] == "tunnel_closed") for _ in range(2)]
+        assert {c["reason"] for c in closed} == {"drain"}
+        assert relay.proc.wait(WAIT) == 0  # the old supervisor, once its workers ended
+        moved = handed["moved"]
+        assert 0 < moved < 40
+        alive_after = 0
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"?")
+                alive_after += sock.recv(1) == b"?"
+        assert alive_after == moved == on_0
         for sock in socks:
             sock.close()
