@@ -221,61 +221,12 @@ class Supervisor:
                 return False
             notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
             try:
-                ok = await self._reload()
+                ok = await _reload(self)
             finally:
                 if not self.draining:
                     notify("READY=1")
             self.metrics.reloads.labels("ok" if ok else "error").inc()
             return ok
-
-    async def _reload(self) -> bool:
-        try:
-            settings, document = config.load_document(self.config_path)
-        except config.ConfigError as exc:
-            self.log("reload_failed", config=exc.source, errors=exc.errors)
-            return False
-        wanted = worker_count(settings)
-        if wanted != len(self.workers):
-            self.log(
-                "workers_unchanged",
-                running=len(self.workers),
-                configured=wanted,
-                detail="the number of workers changes on restart, not on reload",
-            )
-        if settings.admin != self.settings.admin:
-            self.log(
-                "admin_unchanged",
-                admin=self.admin_address,
-                detail="the supervisor's admin address changes on restart, not on reload",
-            )
-        try:
-            self.write_worker_config(settings, document)
-        except OSError as exc:
-            self.log("reload_failed", config=settings.source, errors=[f"listen: {exc}"])
-            return False
-        self.settings, self.document = settings, document
-        await self.konnect_ips.reconfigure(settings)
-        self.generation += 1
-        waiters: dict[int, asyncio.Future[bool]] = {}
-        for worker in self.workers:
-            proc = worker.running
-            if worker.ready and proc is not None:
-                worker.generation = self.generation
-                worker.reload_waiter = waiters[worker.index] = self.loop.create_future()
-                proc.send_signal(signal.SIGHUP)
-            # a worker not yet listening reads the new file as it starts
-        if waiters:
-            await asyncio.wait(list(waiters.values()), timeout=RELOAD_TIMEOUT)
-        failed = [i for i, f in waiters.items() if not (f.done() and f.result())]
-        for worker in self.workers:
-            worker.reload_waiter = None
-        self.log(
-            "reloaded" if not failed else "reload_failed",
-            config=settings.source,
-            workers=sorted(waiters),
-            failed=failed,
-        )
-        return not failed
 
     # --- run and drain -------------------------------------------------------------------
 
@@ -362,6 +313,56 @@ class Supervisor:
             Path(self.pid_file).unlink(missing_ok=True)
         self.log("stopped")
         self.log.flush()
+
+
+async def _reload(self: Supervisor) -> bool:
+    try:
+        settings, document = config.load_document(self.config_path)
+    except config.ConfigError as exc:
+        self.log("reload_failed", config=exc.source, errors=exc.errors)
+        return False
+    wanted = worker_count(settings)
+    if wanted != len(self.workers):
+        self.log(
+            "workers_unchanged",
+            running=len(self.workers),
+            configured=wanted,
+            detail="the number of workers changes on restart, not on reload",
+        )
+    if settings.admin != self.settings.admin:
+        self.log(
+            "admin_unchanged",
+            admin=self.admin_address,
+            detail="the supervisor's admin address changes on restart, not on reload",
+        )
+    try:
+        self.write_worker_config(settings, document)
+    except OSError as exc:
+        self.log("reload_failed", config=settings.source, errors=[f"listen: {exc}"])
+        return False
+    self.settings, self.document = settings, document
+    await self.konnect_ips.reconfigure(settings)
+    self.generation += 1
+    waiters: dict[int, asyncio.Future[bool]] = {}
+    for worker in self.workers:
+        proc = worker.running
+        if worker.ready and proc is not None:
+            worker.generation = self.generation
+            worker.reload_waiter = waiters[worker.index] = self.loop.create_future()
+            proc.send_signal(signal.SIGHUP)
+        # a worker not yet listening reads the new file as it starts
+    if waiters:
+        await asyncio.wait(list(waiters.values()), timeout=RELOAD_TIMEOUT)
+    failed = [i for i, f in waiters.items() if not (f.done() and f.result())]
+    for worker in self.workers:
+        worker.reload_waiter = None
+    self.log(
+        "reloaded" if not failed else "reload_failed",
+        config=settings.source,
+        workers=sorted(waiters),
+        failed=failed,
+    )
+    return not failed
 
 
 # --- admin -----------------------------------------------------------------------------

@@ -149,14 +149,14 @@ class Upgrade:
             cause = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
                 cause = f"no answer within limits.upgrade_timeout at step {self.step}"
-            await self._fail(cause)
+            await _fail(self, cause)
             return False
         except asyncio.CancelledError:
-            await self._fail("cancelled: the relay is stopping")
+            await _fail(self, "cancelled: the relay is stopping")
             raise
         except Exception as exc:  # a bug: still, everything resumes here
             traceback.print_exc()
-            await self._fail(f"internal error: {exc!r}")
+            await _fail(self, f"internal error: {exc!r}")
             return False
         finally:
             if self.channel is not None:
@@ -324,47 +324,48 @@ class Upgrade:
             hold.resume()
         return [h for h in ready if h.tunnel.closed_at is None]
 
-    async def _fail(self, cause: str) -> None:
-        """Kill the successor and carry on with everything."""
-        relay = self.relay
-        proc = self.proc
-        if proc is not None:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGKILL)
-                await exited(proc.pid, 5.0)
-                proc.poll()
-            if proc.returncode is not None and proc.returncode > 0 and self.step == "hello":
-                cause = f"{cause} (the successor exited with status {proc.returncode})"
-        elif self.successor is not None:  # a worker's, started by the supervisor's successor
+
+async def _fail(self: Upgrade, cause: str) -> None:
+    """Kill the successor and carry on with everything."""
+    relay = self.relay
+    proc = self.proc
+    if proc is not None:
+        if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.successor, signal.SIGKILL)
-            await exited(self.successor, 5.0)
-        resumed = 0
-        for hold in self.held:
-            try:
-                hold.resume()
-                resumed += 1
-            except Exception:  # one tunnel's trouble must not keep the rest
-                traceback.print_exc()
-        self.held.clear()
+                proc.send_signal(signal.SIGKILL)
+            await exited(proc.pid, 5.0)
+            proc.poll()
+        if proc.returncode is not None and proc.returncode > 0 and self.step == "hello":
+            cause = f"{cause} (the successor exited with status {proc.returncode})"
+    elif self.successor is not None:  # a worker's, started by the supervisor's successor
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.successor, signal.SIGKILL)
+        await exited(self.successor, 5.0)
+    resumed = 0
+    for hold in self.held:
         try:
-            if self.handed:
-                await relay.listeners.take_back(self.handed)
-            if self.admin_sock is not None and relay.settings.admin is not None:
-                await relay.admin.start(*relay.settings.admin, sock=self.admin_sock)
-                self.admin_sock = None
-        except OSError as exc:
-            cause = f"{cause}; and listening again failed: {exc}"
-        relay.log(
-            "upgrade_failed",
-            step=self.step,
-            cause=cause,
-            successor=self.successor,
-            tunnels_resumed=resumed,
-            tunnels=len(relay.book),
-        )
-        self.report("failed", step=self.step, cause=cause)
+            hold.resume()
+            resumed += 1
+        except Exception:  # one tunnel's trouble must not keep the rest
+            traceback.print_exc()
+    self.held.clear()
+    try:
+        if self.handed:
+            await relay.listeners.take_back(self.handed)
+        if self.admin_sock is not None and relay.settings.admin is not None:
+            await relay.admin.start(*relay.settings.admin, sock=self.admin_sock)
+            self.admin_sock = None
+    except OSError as exc:
+        cause = f"{cause}; and listening again failed: {exc}"
+    relay.log(
+        "upgrade_failed",
+        step=self.step,
+        cause=cause,
+        successor=self.successor,
+        tunnels_resumed=resumed,
+        tunnels=len(relay.book),
+    )
+    self.report("failed", step=self.step, cause=cause)
 
 
 def begin(

@@ -151,10 +151,10 @@ class SupervisorUpgrade:
             cause = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
                 cause = f"no answer within limits.upgrade_timeout at step {self.step}"
-            await self._fail(cause)
+            await _fail(self, cause)
             return False
         except asyncio.CancelledError:
-            await self._fail("cancelled: the relay is stopping")
+            await _fail(self, "cancelled: the relay is stopping")
             raise
         finally:
             if self.channel is not None:
@@ -273,25 +273,27 @@ class SupervisorUpgrade:
                 return message
             raise HandoverFailed(str(message.get("cause", f"expected {kind!r}")))
 
-    async def _fail(self, cause: str) -> None:
-        sup = self.sup
-        if self.step != "done":  # before the commit every old worker takes everything back
-            for worker in self.told:
-                if worker.control is not None:
-                    with contextlib.suppress(ChannelClosed, OSError):
-                        await worker.control.send({"type": "abort"})
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGKILL)
-            await exited(proc.pid, 5.0)
-            proc.poll()
-        if self.admin_sock is not None and sup.settings.admin is not None:
-            with contextlib.suppress(OSError):
-                sup.admin_address = await sup.admin.start(*sup.settings.admin, sock=self.admin_sock)
-            self.admin_sock = None
-        sup.log("upgrade_failed", step=self.step, cause=cause, workers=len(sup.workers))
-        report(sup.pid_file, "failed", step=self.step, cause=cause)
+
+async def _fail(self: SupervisorUpgrade, cause: str) -> None:
+    """Abort before the commit: every old worker takes everything back."""
+    sup = self.sup
+    if self.step != "done":  # before the commit every old worker takes everything back
+        for worker in self.told:
+            if worker.control is not None:
+                with contextlib.suppress(ChannelClosed, OSError):
+                    await worker.control.send({"type": "abort"})
+    proc = self.proc
+    if proc is not None and proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+        await exited(proc.pid, 5.0)
+        proc.poll()
+    if self.admin_sock is not None and sup.settings.admin is not None:
+        with contextlib.suppress(OSError):
+            sup.admin_address = await sup.admin.start(*sup.settings.admin, sock=self.admin_sock)
+        self.admin_sock = None
+    sup.log("upgrade_failed", step=self.step, cause=cause, workers=len(sup.workers))
+    report(sup.pid_file, "failed", step=self.step, cause=cause)
 
 
 def carried(sup: Supervisor) -> dict[str, Any]:
