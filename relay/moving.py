@@ -185,31 +185,7 @@ def export(tunnel: Tunnel, now: float) -> dict[str, Any]:
     }
 
 
-class _Adopting(asyncio.Protocol):
-    """A moved socket's protocol until both of its tunnel's are in place:
-    whatever arrives meanwhile is kept (bounded by the peer's window)."""
-
-    __slots__ = ("buf", "eof", "exc", "lost")
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.eof = False
-        self.lost = False
-        self.exc: Exception | None = None
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.exc = exc
-
-
-def _returning(holder: _Adopting) -> Callable[[], _Adopting]:
+def _returning(holder: t.Pending) -> Callable[[], t.Pending]:
     return lambda: holder
 
 
@@ -251,7 +227,8 @@ async def attach(tunnel: Tunnel, client_fd: int, upstream_fd: int) -> None:
     try:
         while fds:
             sock = socket.socket(fileno=fds[0])
-            holder = _Adopting()
+            # Holds what arrives until both sockets of the tunnel are in place.
+            holder = t.Pending()
             try:
                 transport, _ = await loop.connect_accepted_socket(_returning(holder), sock)
             except BaseException:
@@ -270,8 +247,9 @@ async def attach(tunnel: Tunnel, client_fd: int, upstream_fd: int) -> None:
     client, upstream = transports
     cs, us = tunnel.client_side, tunnel.upstream_side
     cs.peer, us.peer = upstream, client
-    if splice.available():
-        tunnel.switch_at = splice.SWITCH_AFTER
+    # Both sides' held bytes are delivered first: a switch to splice started
+    # by the first could detach the transports before the second's arrive.
+    tunnel.switch_at = t.NEVER
     for side, transport in ((cs, client), (us, upstream)):
         side.connection_made(transport)
         transport.set_protocol(side)
@@ -283,6 +261,8 @@ async def attach(tunnel: Tunnel, client_fd: int, upstream_fd: int) -> None:
             side.connection_lost(holder.exc)
         elif holder.eof:
             side.eof_received()
+    if splice.available() and tunnel.closed_at is None:
+        tunnel.switch_at = splice.SWITCH_AFTER
     if tunnel.closed_at is None:
         tunnel.resume_upstream()
         if upstream.get_write_buffer_size() <= t.HIGH_WATER and not client.is_closing():

@@ -88,6 +88,27 @@ async def exited(pid: int, timeout: float) -> None:
         os.close(fd)
 
 
+def spawn_successor(argv: list[str]) -> tuple[Channel, subprocess.Popen[bytes]]:
+    """``python -m relay`` with ``argv`` (the code now installed), and our end
+    of the handover channel it inherits."""
+    channel, theirs = Channel.pair()
+    try:
+        # subprocess, not the loop's: uvloop's pass_fds leaves copies of
+        # stdout and stderr open in the child.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", *argv],
+            stdin=subprocess.DEVNULL,
+            pass_fds=[theirs.fileno()],
+            env={**os.environ, HANDOVER_ENV: str(theirs.fileno())},
+        )
+    except BaseException:
+        channel.close()
+        raise
+    finally:
+        theirs.close()
+    return channel, proc
+
+
 def status_path(pid_file: str) -> str:
     return f"{pid_file}.upgrade"
 
@@ -188,18 +209,7 @@ class Upgrade:
         if self.given is not None:
             self.channel, self.successor = self.given
         else:
-            self.channel, theirs = Channel.pair()
-            try:
-                # subprocess, not the loop's: uvloop's pass_fds leaves copies of
-                # stdout and stderr open in the child.
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "relay", *self.argv],
-                    stdin=subprocess.DEVNULL,
-                    pass_fds=[theirs.fileno()],
-                    env={**os.environ, HANDOVER_ENV: str(theirs.fileno())},
-                )
-            finally:
-                theirs.close()
+            self.channel, self.proc = spawn_successor(self.argv)
             self.successor = self.proc.pid
         channel = self.channel
         self.step = "hello"

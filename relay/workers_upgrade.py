@@ -28,13 +28,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from relay.handover import (
-    HANDOVER_ENV,
     PROTOCOL,
     Channel,
     ChannelClosed,
@@ -42,7 +40,7 @@ from relay.handover import (
     close_fds,
 )
 from relay.notify import notify
-from relay.upgrade import Upgrade, begin, exited, report
+from relay.upgrade import Upgrade, begin, exited, report, spawn_successor
 
 if TYPE_CHECKING:
     from relay.server import Relay
@@ -183,17 +181,8 @@ class SupervisorUpgrade:
     async def _handover(self) -> None:
         sup = self.sup
         timeout = sup.settings.limits.upgrade_timeout
-        self.channel, theirs = Channel.pair()
+        self.channel, self.proc = spawn_successor(self.argv)
         channel = self.channel
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", *self.argv],
-                stdin=subprocess.DEVNULL,
-                pass_fds=[theirs.fileno()],
-                env={**os.environ, HANDOVER_ENV: str(theirs.fileno())},
-            )
-        finally:
-            theirs.close()
         self.step = "hello"
         async with asyncio.timeout(timeout):
             hello, _ = await channel.expect("hello")
