@@ -109,6 +109,17 @@ def spawn_successor(argv: list[str]) -> tuple[Channel, subprocess.Popen[bytes]]:
     return channel, proc
 
 
+def failure_cause(exc: Exception, step: str) -> str:
+    """What ``upgrade_failed`` says about ``exc``; an exception nobody expected
+    (a bug) is printed too, and everything still resumes."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within limits.upgrade_timeout at step {step}"
+    if isinstance(exc, (HandoverFailed, ChannelClosed, OSError, ValueError)):
+        return str(exc) or type(exc).__name__
+    traceback.print_exc()
+    return f"internal error: {exc!r}"
+
+
 def status_path(pid_file: str) -> str:
     return f"{pid_file}.upgrade"
 
@@ -166,18 +177,11 @@ class Upgrade:
         self.report("running")
         try:
             await self._handover(begun_wall)
-        except (HandoverFailed, ChannelClosed, TimeoutError, OSError, ValueError) as exc:
-            cause = str(exc) or type(exc).__name__
-            if isinstance(exc, TimeoutError):
-                cause = f"no answer within limits.upgrade_timeout at step {self.step}"
-            await _fail(self, cause)
-            return False
         except asyncio.CancelledError:
             await _fail(self, "cancelled: the relay is stopping")
             raise
-        except Exception as exc:  # a bug: still, everything resumes here
-            traceback.print_exc()
-            await _fail(self, f"internal error: {exc!r}")
+        except Exception as exc:
+            await _fail(self, failure_cause(exc, self.step))
             return False
         finally:
             if self.channel is not None:

@@ -40,7 +40,7 @@ from relay.handover import (
     close_fds,
 )
 from relay.notify import notify
-from relay.upgrade import Upgrade, begin, exited, report, spawn_successor
+from relay.upgrade import Upgrade, begin, exited, failure_cause, report, spawn_successor
 
 if TYPE_CHECKING:
     from relay.server import Relay
@@ -145,15 +145,12 @@ class SupervisorUpgrade:
         report(sup.pid_file, "running")
         try:
             await self._handover()
-        except (HandoverFailed, ChannelClosed, TimeoutError, OSError, ValueError) as exc:
-            cause = str(exc) or type(exc).__name__
-            if isinstance(exc, TimeoutError):
-                cause = f"no answer within limits.upgrade_timeout at step {self.step}"
-            await _fail(self, cause)
-            return False
         except asyncio.CancelledError:
             await _fail(self, "cancelled: the relay is stopping")
             raise
+        except Exception as exc:  # also a bug: the workers at their gate must not wait on
+            await _fail(self, failure_cause(exc, self.step))
+            return False
         finally:
             if self.channel is not None:
                 self.channel.close()
