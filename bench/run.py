@@ -120,9 +120,14 @@ STOP_TIMEOUT = 5.0
 MAX_IDLE_TUNNELS = 9000
 # Background CPU above this share of a core makes the results suspect.
 NOISY_BACKGROUND = 0.10
-# The project's target for the relay's tunnel setup rate (c=64) against squid's;
-# printed next to what uvloop-bare reaches, the most the architecture allows.
-SETUP_TARGET_VS_SQUID = 1.4
+# The project's targets for tunnel setup (one worker on one core, every feature
+# on), each checked against this run's figures in a "Setup targets" block:
+# rate at c=64 against squid's and against uvloop-bare's (the most the
+# architecture allows), p99 at c=1 against squid's and tinyproxy's.
+SETUP_TARGET_VS_SQUID = 0.8
+SETUP_TARGET_VS_BARE = 0.65
+P99_TARGET_VS_SQUID = 1.0
+P99_TARGET_VS_TINYPROXY = 1.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -1112,6 +1117,7 @@ def ratio_lines(figs: dict[str, dict[str, Any]]) -> list[str]:
             f"uvloop-bare / squid, setup rate c=64: {bare} (what a uvloop relay that does "
             f"nothing per tunnel reaches; the relay's target is {SETUP_TARGET_VS_SQUID:.2f}x)",
         ]
+    lines += target_lines(figs, bool(lines))
     if "relay" in figs and "relay-baseline" in figs:
         change = (
             ("setup rate c=64", "setup_c64", "tunnels_per_s"),
@@ -1134,6 +1140,33 @@ def ratio_lines(figs: dict[str, dict[str, Any]]) -> list[str]:
             "shared with the load, against one worker on a core of its own)",
         ]
     return lines
+
+
+def target_lines(figs: dict[str, dict[str, Any]], after: bool) -> list[str]:
+    """Each setup target with this run's figure and whether it is met; a target
+    whose figures are not in the run is left out."""
+    checks = (
+        # label, other target, figure, key, bound, the ratio must be at least the bound
+        ("setup rate c=64 at least", "squid", "setup_c64", "tunnels_per_s",
+         SETUP_TARGET_VS_SQUID, True),
+        ("setup rate c=64 at least", "uvloop-bare", "setup_c64", "tunnels_per_s",
+         SETUP_TARGET_VS_BARE, True),
+        ("p99 at c=1 at most", "squid", "setup_c1", "p99_ms", P99_TARGET_VS_SQUID, False),
+        ("p99 at c=1 at most", "tinyproxy", "setup_c1", "p99_ms",
+         P99_TARGET_VS_TINYPROXY, False),
+    )  # fmt: skip
+    lines: list[str] = []
+    for label, other, fig, key, bound, at_least in checks:
+        x = ratio(figs, "relay", other, fig, key)
+        if x is None:
+            continue
+        met = x >= bound if at_least else x <= bound
+        lines.append(
+            f"- {label} {bound:.2f}x {other}'s: {fmt_ratio(x)}, {'met' if met else 'not met'}"
+        )
+    if not lines:
+        return []
+    return [*([""] if after else []), "Setup targets (one worker, every feature on):", "", *lines]
 
 
 # --- main ---------------------------------------------------------------------

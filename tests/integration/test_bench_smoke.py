@@ -201,7 +201,17 @@ def test_markdown_compares_with_the_uvloop_floor(run_dir: Path) -> None:
     bare = [line for line in lines if line.startswith("uvloop-bare / squid, setup rate c=64: ")]
     assert len(bare) == 1
     assert re.match(r"uvloop-bare / squid, setup rate c=64: \d+\.\d\dx \(", bare[0])
-    assert "target is 1.40x" in bare[0]
+    assert "target is 0.80x" in bare[0]
+    start = lines.index("Setup targets (one worker, every feature on):")
+    targets = lines[start + 2 : start + 6]
+    expected = (
+        r"- setup rate c=64 at least 0\.80x squid's: \d+\.\d\dx, (not )?met",
+        r"- setup rate c=64 at least 0\.65x uvloop-bare's: \d+\.\d\dx, (not )?met",
+        r"- p99 at c=1 at most 1\.00x squid's: \d+\.\d\dx, (not )?met",
+        r"- p99 at c=1 at most 1\.30x tinyproxy's: \d+\.\d\dx, (not )?met",
+    )
+    for line, pattern in zip(targets, expected, strict=True):
+        assert re.fullmatch(pattern, line), line
     assert any(
         line.startswith("uvloop-bare (reference) is `bench/bare_relay.py`") for line in lines
     )
