@@ -587,11 +587,48 @@ def run_bulk(
 
 def run_setup(target: Target, sink: Sink, prof: Profile, concurrency: int) -> dict[str, Any]:
     args = ["--concurrency", str(concurrency), "--duration", str(prof.setup_seconds)]
+    before = wakeup_ipis(LOAD_CORE)
     record = run_loadgen(target, "setup", args, prof.run_timeout, sink.pid)
+    after = wakeup_ipis(LOAD_CORE)
     if record["errors"]:
         raise BenchError(f"{target.name} setup c={concurrency}: {record['errors']} failed tunnels")
     record["tunnels_per_cpu_s"] = per_cpu_second(record["tunnels_per_s"], record["proxy_cpu"])
+    if before is not None and after is not None and record["tunnels"]:
+        record["load_ipis_per_tunnel"] = (after - before) / record["tunnels"]
     return record
+
+
+# The interrupts one core sends another to wake a task there (/proc/interrupts):
+# rescheduling, and function calls (how the scheduler queues a wake-up on an
+# idle core). On a virtual machine each one is an exit to the hypervisor.
+WAKEUP_IPIS = ("RES:", "CAL:")
+
+
+def wakeup_ipis(core: int, text: str | None = None) -> int | None:
+    """Wake-up interrupts ``core`` has received so far, None where the kernel
+    does not show them. Counted around a setup run on the load core: a proxy
+    that leaves the load generator's core idle pays for waking it up again, a
+    cost of this bench's two-core layout that remote clients do not cause."""
+    if text is None:
+        try:
+            text = Path("/proc/interrupts").read_text()
+        except OSError:
+            return None
+    lines = text.splitlines()
+    if not lines:
+        return None
+    cpus = lines[0].split()
+    column = f"CPU{core}"
+    if column not in cpus:
+        return None
+    index = cpus.index(column) + 1  # after the row's name
+    total, seen = 0, 0
+    for line in lines[1:]:
+        fields = line.split()
+        if fields and fields[0] in WAKEUP_IPIS and len(fields) > index:
+            total += int(fields[index])
+            seen += 1
+    return total if seen == len(WAKEUP_IPIS) else None
 
 
 def per_cpu_second(rate: float, cpu: float | None) -> float | None:
@@ -686,6 +723,7 @@ RECORD_FIELDS = frozenset(
         "core_busy",
         "bytes_per_cpu_s",
         "tunnels_per_cpu_s",
+        "load_ipis_per_tunnel",
     }
 )
 
@@ -921,10 +959,15 @@ SETUP_ROWS = (
     ("p99 ms", "p99_ms"),
     ("proxy CPU", "proxy_cpu"),
     ("cores busy", "core_busy"),
+    ("load-core wake-ups per tunnel", "load_ipis_per_tunnel"),
 )
 
 
 def setup_cell(key: str, record: dict[str, Any]) -> str:
+    if record.get(key) is None:
+        return "-"  # not measured (results from before the row existed, no /proc)
+    if key == "load_ipis_per_tunnel":
+        return f"{record[key]:.2f}"
     if key == "tunnels_per_s":
         return fmt_num(record[key])
     if key == "proxy_cpu":
@@ -1020,6 +1063,14 @@ def to_markdown(results: dict[str, Any]) -> str:
         for label, key in SETUP_ROWS:
             vals = [setup_cell(key, figs[n][fig]) if fig in figs[n] else "-" for n in names]
             out.append(f"| c={conc} {label} | " + " | ".join(vals) + " |")
+    out += [
+        "",
+        f"Load-core wake-ups: rescheduling and function-call interrupts core {meth['load_core']} "
+        "received per tunnel (/proc/interrupts), each one another core waking the load "
+        "generator or the sink from idle. The slower a proxy, the more often that core is "
+        "idle when the proxy writes to it, and the proxy's core pays for each wake-up in "
+        "kernel time; clients on other hosts do not cost a proxy this.",
+    ]
     if "relay-w2" in figs:
         out += [
             "",

@@ -75,3 +75,45 @@ def test_targets_without_their_figures_are_left_out(bench: ModuleType) -> None:
     lines = bench.target_lines(figs, after=False)
     assert [line.split(" at ")[0] for line in lines[2:]] == ["- setup rate c=64", "- p99"]
     assert bench.target_lines({"relay": figs["relay"]}, after=True) == []
+
+
+INTERRUPTS = """\
+            CPU0       CPU1
+   1:          9          0   IO-APIC    1-edge      i8042
+LOC:    2714611    2453709   Local timer interrupts
+RES:     286363    1532515   Rescheduling interrupts
+CAL:    2444171   11394150   Function call interrupts
+TLB:      51039      46081   TLB shootdowns
+"""
+
+
+def test_wakeup_ipis_sums_rescheduling_and_function_calls_of_one_core(bench: ModuleType) -> None:
+    assert bench.wakeup_ipis(1, INTERRUPTS) == 1532515 + 11394150
+    assert bench.wakeup_ipis(0, INTERRUPTS) == 286363 + 2444171
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        INTERRUPTS.replace("CAL:", "XYZ:"),  # a kernel without one of the rows
+        INTERRUPTS.replace("CPU1", "CPU7"),  # no such core
+    ],
+)
+def test_wakeup_ipis_unknown_is_none(bench: ModuleType, text: str) -> None:
+    assert bench.wakeup_ipis(1, text) is None
+
+
+def test_wakeup_ipis_reads_this_kernel(bench: ModuleType) -> None:
+    if not Path("/proc/interrupts").exists():
+        pytest.skip("no /proc/interrupts")
+    first = bench.wakeup_ipis(0)
+    if first is None:
+        pytest.skip("this kernel shows no RES/CAL rows")
+    assert first >= 0
+    assert bench.wakeup_ipis(0) >= first  # counters only grow
+
+
+def test_setup_table_shows_wakeups_and_a_dash_where_unmeasured(bench: ModuleType) -> None:
+    assert bench.setup_cell("load_ipis_per_tunnel", {"load_ipis_per_tunnel": 2.976}) == "2.98"
+    assert bench.setup_cell("load_ipis_per_tunnel", {}) == "-"
