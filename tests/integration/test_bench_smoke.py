@@ -127,7 +127,8 @@ def test_setup_figure(results: dict[str, Any], target: str, figure: str) -> None
     assert fig["tunnels"] > 0
     assert fig["tunnels_per_s"] > 0
     assert 0 < fig["p50_ms"] <= fig["p99_ms"] <= fig["max_ms"]
-    if Path("/proc/interrupts").exists():
+    interrupts = Path("/proc/interrupts")
+    if interrupts.exists() and {"RES:", "CAL:"} <= set(interrupts.read_text().split()):
         # Wake-ups of the load core: counted, a plausible handful per tunnel at most
         # (connect, 200, reply and close each wake a peer at most once or twice).
         assert 0 <= fig["load_ipis_per_tunnel"] < 20
