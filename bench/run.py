@@ -1063,14 +1063,22 @@ def to_markdown(results: dict[str, Any]) -> str:
         for label, key in SETUP_ROWS:
             vals = [setup_cell(key, figs[n][fig]) if fig in figs[n] else "-" for n in names]
             out.append(f"| c={conc} {label} | " + " | ".join(vals) + " |")
-    out += [
-        "",
-        f"Load-core wake-ups: rescheduling and function-call interrupts core {meth['load_core']} "
-        "received per tunnel (/proc/interrupts), each one another core waking the load "
-        "generator or the sink from idle. The slower a proxy, the more often that core is "
-        "idle when the proxy writes to it, and the proxy's core pays for each wake-up in "
-        "kernel time; clients on other hosts do not cost a proxy this.",
-    ]
+    measured = any(
+        rec.get("load_ipis_per_tunnel") is not None
+        for n in names
+        for f, rec in figs[n].items()
+        if f.startswith("setup_")
+    )
+    if measured:
+        out += [
+            "",
+            "Load-core wake-ups: rescheduling and function-call interrupts core "
+            f"{meth['load_core']} received per tunnel (/proc/interrupts), each one another "
+            "core waking the load generator or the sink from idle. The slower a proxy, the "
+            "more often that core is idle when the proxy writes to it, and the proxy's core "
+            "pays for each wake-up in kernel time; clients on other hosts do not cost a proxy "
+            "this.",
+        ]
     if "relay-w2" in figs:
         out += [
             "",

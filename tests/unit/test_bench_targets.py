@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -117,3 +118,22 @@ def test_wakeup_ipis_reads_this_kernel(bench: ModuleType) -> None:
 def test_setup_table_shows_wakeups_and_a_dash_where_unmeasured(bench: ModuleType) -> None:
     assert bench.setup_cell("load_ipis_per_tunnel", {"load_ipis_per_tunnel": 2.976}) == "2.98"
     assert bench.setup_cell("load_ipis_per_tunnel", {}) == "-"
+
+
+KEPT_RUN = RUN_PY.parent / "results"
+
+
+def test_kept_results_render_as_kept(bench: ModuleType) -> None:
+    results = json.loads((KEPT_RUN / "results.json").read_text())
+    assert bench.to_markdown(results) == (KEPT_RUN / "results.md").read_text()
+
+
+def test_wakeup_explanation_only_where_wakeups_were_measured(bench: ModuleType) -> None:
+    results = json.loads((KEPT_RUN / "results.json").read_text())
+    assert "Load-core wake-ups:" in bench.to_markdown(results)
+    for figs in results["proxies"].values():
+        for record in figs.values():
+            record.pop("load_ipis_per_tunnel", None)
+    text = bench.to_markdown(results)
+    assert "Load-core wake-ups:" not in text
+    assert "| c=64 load-core wake-ups per tunnel | - | - |" in text
