@@ -19,17 +19,20 @@ out, so a change can be weighed in seconds:
   64-byte reply, EOF from both sides, close.
 
 Prints µs of CPU per tunnel (best of --runs; process time, so other processes
-on the machine count less than in wall time) and Python calls per tunnel
-(``sys.setprofile`` over one round). The real figure through sockets is the
+on the machine count less than in wall time), Python calls per tunnel
+(``sys.setprofile`` over one round) and bytecodes per tunnel (``sys.settrace``
+opcode events over one round; ``--by-module`` says where they go). The count
+does not move with the machine's load, so it weighs a change exactly. The real figure through sockets is the
 benchmark's; this one says where the relay's own part of it goes.
 
-    .venv/bin/python bench/pathcost.py [--tunnels 20000] [--runs 5] [--json]
+    .venv/bin/python bench/pathcost.py [--tunnels 20000] [--runs 5] [--json] [--by-module]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import io
 import json
 import ssl
@@ -51,6 +54,7 @@ from relay.log import EventLog
 from relay.server import Relay
 
 HOST = "bench.eu.cp0.konghq.com"
+RELAY_DIR = str(Path(__file__).resolve().parent.parent / "relay") + "/"
 ROUND = 64  # tunnels in flight at once, as the benchmark's c=64
 PAYLOAD = b"x" * 64
 
@@ -174,6 +178,50 @@ async def one_round(relay: Relay, listener: Listener, head: bytes, first: bytes)
     await asyncio.sleep(0)
 
 
+def _module(filename: str) -> str | None:
+    """Who a frame's bytecodes count for: a relay module by its path in the
+    package, ``(generated)`` for code without a file (dataclass ``__init__``),
+    ``(stdlib)`` for the rest; None for this harness, whose fakes stand in for
+    uvloop's transports (C code, no bytecodes)."""
+    if filename == __file__:
+        return None
+    if filename.startswith(RELAY_DIR):
+        return "relay/" + filename[len(RELAY_DIR) :]
+    return "(generated)" if filename.startswith("<") else "(stdlib)"
+
+
+async def count_bytecodes(
+    relay: Relay, listener: Listener, head: bytes, first: bytes
+) -> collections.Counter[str]:
+    """Bytecodes CPython executes for one round, by module (sys.settrace with
+    opcode events). Unlike time, the count does not move with the machine's
+    load: the same code gives the same count, so a change to the setup path
+    can be weighed exactly."""
+    counts: collections.Counter[str] = collections.Counter()
+    modules: dict[str, str | None] = {}
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        filename = frame.f_code.co_filename
+        module = modules.get(filename, "")
+        if module == "":
+            module = modules[filename] = _module(filename)
+        if module is None:
+            return None
+        if event == "call":
+            frame.f_trace_lines = False
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            counts[module] += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        await one_round(relay, listener, head, first)
+    finally:
+        sys.settrace(None)
+    return counts
+
+
 async def measure(tunnels: int, runs: int) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     relay = make_relay()
@@ -204,11 +252,14 @@ async def measure(tunnels: int, runs: int) -> dict[str, Any]:
     sys.setprofile(count)
     await one_round(relay, listener, head, first)
     sys.setprofile(None)
+    by_module = await count_bytecodes(relay, listener, head, first)
     relay.log.flush()
     lines = relay.log.stream.getvalue().count("\n")  # type: ignore[attr-defined]
     return {
         "us_per_tunnel": round(best * 1e6, 2),
         "calls_per_tunnel": round(calls / ROUND, 1),
+        "bytecodes_per_tunnel": round(sum(by_module.values()) / ROUND, 1),
+        "bytecodes_by_module": {m: round(n / ROUND, 1) for m, n in by_module.most_common()},
         "tunnels_per_run": rounds * ROUND,
         "runs": runs,
         "log_lines": lines,
@@ -220,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tunnels", type=int, default=20000, help="tunnels per run")
     p.add_argument("--runs", type=int, default=5, help="runs; the best is reported")
     p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--by-module", action="store_true", help="bytecodes per tunnel by module")
     args = p.parse_args(argv)
     with asyncio.Runner(loop_factory=FakeConnectLoop) as runner:
         result = runner.run(measure(args.tunnels, args.runs))
@@ -229,8 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{result['us_per_tunnel']:.1f} µs of relay CPU per tunnel (best of {args.runs} runs"
             f" of {result['tunnels_per_run']}), {result['calls_per_tunnel']:.0f} Python calls"
-            " per tunnel, no system calls"
+            f" per tunnel, {result['bytecodes_per_tunnel']:.0f} bytecodes per tunnel,"
+            " no system calls"
         )
+        if args.by_module:
+            for module, n in result["bytecodes_by_module"].items():
+                print(f"{n:8.1f}  {module}")
     return 0
 
 
