@@ -232,51 +232,53 @@ def _one_record(
             return None
         p += 2
         types: list[int] = []  # a repeated type is checked once, after the walk
-        while p < end:
-            if p + 4 > end:
-                return None
-            ext_type, size = _two_u16(buf, p)
-            p += 4
-            q = p + size
-            if q > end:
-                return None
-            types.append(ext_type)
-            if ext_type not in _FAST_READS:
-                pass
-            elif ext_type == EXT_SERVER_NAME:
-                # One host_name entry filling the list filling the extension.
-                if (
-                    p + 5 > q
-                    or buf[p + 2] != NAME_TYPE_HOST_NAME
-                    or p + 2 + ((buf[p] << 8) | buf[p + 1]) != q
-                    or p + 5 + ((buf[p + 3] << 8) | buf[p + 4]) != q
-                ):
+        try:
+            # The walk checks each extension's end only where it reads inside it;
+            # one that runs past the block leaves p beyond end, caught below.
+            while p < end:
+                ext_type, size = _two_u16(buf, p)
+                p += 4 + size
+                types.append(ext_type)
+                if ext_type not in _FAST_READS:
+                    continue
+                q, s = p, p - size  # the extension's data is buf[s:q]
+                if q > end:
                     return None
-                raw = bytes(buf[p + 5 : q])
-                if _HOST_NAME.fullmatch(raw) is None:
-                    return None  # the full parser says what is wrong
-                server_name = raw.decode("ascii").lower().removesuffix(".")
-            elif ext_type == EXT_ALPN:
-                # A non-empty list filling the extension, of non-empty names.
-                if p + 2 >= q or p + 2 + ((buf[p] << 8) | buf[p + 1]) != q:
-                    return None
-                names = []
-                i = p + 2
-                while i < q:
-                    j = i + 1 + buf[i]
-                    if j == i + 1 or j > q:
+                if ext_type == EXT_SERVER_NAME:
+                    # One host_name entry filling the list filling the extension.
+                    if (
+                        s + 5 > q
+                        or buf[s + 2] != NAME_TYPE_HOST_NAME
+                        or s + 2 + ((buf[s] << 8) | buf[s + 1]) != q
+                        or s + 5 + ((buf[s + 3] << 8) | buf[s + 4]) != q
+                    ):
                         return None
-                    names.append(bytes(buf[i + 1 : j]).decode("latin-1"))
-                    i = j
-                alpn = tuple(names)
-            elif ext_type == EXT_SUPPORTED_VERSIONS:
-                count = buf[p] if p < q else 0
-                if count < 2 or count % 2 or p + 1 + count != q:
-                    return None
-                versions = struct.unpack_from(f">{count // 2}H", buf, p + 1)
-            p = q
-        if len(set(types)) != len(types):
-            return None  # the full parser names the repeated extension
+                    raw = bytes(buf[s + 5 : q])
+                    if _HOST_NAME.fullmatch(raw) is None:
+                        return None  # the full parser says what is wrong
+                    server_name = raw.decode("ascii").lower().removesuffix(".")
+                elif ext_type == EXT_ALPN:
+                    # A non-empty list filling the extension, of non-empty names.
+                    if s + 2 >= q or s + 2 + ((buf[s] << 8) | buf[s + 1]) != q:
+                        return None
+                    names = []
+                    i = s + 2
+                    while i < q:
+                        j = i + 1 + buf[i]
+                        if j == i + 1 or j > q:
+                            return None
+                        names.append(bytes(buf[i + 1 : j]).decode("latin-1"))
+                        i = j
+                    alpn = tuple(names)
+                else:  # EXT_SUPPORTED_VERSIONS
+                    count = buf[s] if s < q else 0
+                    if count < 2 or count % 2 or s + 1 + count != q:
+                        return None
+                    versions = struct.unpack_from(f">{count // 2}H", buf, s + 1)
+        except struct.error:
+            return None  # an extension header past the bytes there are
+        if p != end or len(set(types)) != len(types):
+            return None  # an extension past the block, or a repeated type
     return ClientHello(
         server_name=server_name,
         alpn=alpn,
