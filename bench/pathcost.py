@@ -22,8 +22,10 @@ Prints µs of CPU per tunnel (best of --runs; process time, so other processes
 on the machine count less than in wall time), Python calls per tunnel
 (``sys.setprofile`` over one round) and bytecodes per tunnel (``sys.settrace``
 opcode events over one round; ``--by-module`` says where they go). The count
-does not move with the machine's load, so it weighs a change exactly. The real figure through sockets is the
-benchmark's; this one says where the relay's own part of it goes.
+does not move with the machine's load, so it weighs a change exactly (give or
+take the log's once-a-second date formatting, when a second turns over inside
+the round). The real figure through sockets is the benchmark's; this one says
+where the relay's own part of it goes.
 
     .venv/bin/python bench/pathcost.py [--tunnels 20000] [--runs 5] [--json] [--by-module]
 """

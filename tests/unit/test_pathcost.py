@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import time
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+import relay.log
 
 PATHCOST_PY = Path(__file__).resolve().parents[2] / "bench" / "pathcost.py"
 
@@ -30,7 +33,24 @@ def test_frames_count_for_their_module(pathcost: ModuleType) -> None:
     assert pathcost._module(pathcost.__file__) is None  # the harness's fakes
 
 
-def test_measure_counts_the_same_bytecodes_every_round(pathcost: ModuleType) -> None:
+class _FrozenClock:
+    """``relay.log``'s view of ``time``, stopped inside one second: the log formats
+    the date part again when a second turns over, a few bytecodes that would land in
+    one round and not the next."""
+
+    gmtime = staticmethod(time.gmtime)
+    strftime = staticmethod(time.strftime)
+
+    @staticmethod
+    def time() -> float:
+        return 1_800_000_000.25
+
+
+def test_measure_counts_the_same_bytecodes_every_round(
+    pathcost: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay.log, "time", _FrozenClock)
+
     async def go() -> tuple[dict[str, object], list[dict[str, int]]]:
         result = await pathcost.measure(pathcost.ROUND, 1)
         loop = asyncio.get_running_loop()
