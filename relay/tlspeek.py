@@ -195,25 +195,28 @@ def _one_record(
     holds the two together), so every error and its detail come from one place.
     Plain index arithmetic, no cursor objects: ~4x cheaper per tunnel."""
     n = len(buf)
-    if n < 9 or buf[0] != CONTENT_TYPE_HANDSHAKE or buf[1] != 3 or buf[2] > 4:
+    if n < 9:
         return None
-    end = RECORD_HEADER_SIZE + ((buf[3] << 8) | buf[4])
+    # Record header (type, version, length) and handshake header (type, 24-bit
+    # length as a byte and a u16) in one unpack.
+    ctype, major, minor, length, htype, hhigh, hlow = _RECORD_AND_HANDSHAKE(buf)
+    end = RECORD_HEADER_SIZE + length
     if (
-        end > n
+        ctype != CONTENT_TYPE_HANDSHAKE
+        or major != 3
+        or minor > 4
+        or end > n
         or end > max_size
-        or end - RECORD_HEADER_SIZE > MAX_RECORD_PAYLOAD
-        or buf[5] != HANDSHAKE_CLIENT_HELLO
-        or ((buf[6] << 16) | (buf[7] << 8) | buf[8]) + 9 != end
+        or length > MAX_RECORD_PAYLOAD
+        or htype != HANDSHAKE_CLIENT_HELLO
+        or (hhigh << 16 | hlow) + 9 != end
     ):
         return None
     # The body, as in _parse_body: version, random, session id, suites, compression.
-    p = 9
-    if p + 35 > end:
+    if end < 9 + 35:
         return None
-    legacy_version = (buf[p] << 8) | buf[p + 1]
-    p += 34
-    sid = buf[p]
-    p += 1 + sid
+    legacy_version, sid = _VERSION_AND_SESSION(buf, 9)
+    p = 9 + 35 + sid
     if legacy_version >> 8 != 3 or sid > 32 or p + 2 > end:
         return None
     suites = (buf[p] << 8) | buf[p + 1]
@@ -294,6 +297,10 @@ _FAST_READS = frozenset({EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_VERSIONS})
 # Extension type and length in one call: the walk over a hello's extensions is
 # most of the fast path's work.
 _two_u16 = struct.Struct(">HH").unpack_from
+# The 9 bytes of record header and handshake header; legacy_version, the
+# 32-byte random skipped, and the session id's length.
+_RECORD_AND_HANDSHAKE = struct.Struct(">BBBHBBH").unpack_from
+_VERSION_AND_SESSION = struct.Struct(">H32xB").unpack_from
 
 # What _host_name accepts, in one match: labels of printable ASCII other than
 # the dot, single dots between them, at most one trailing dot.
